@@ -116,6 +116,7 @@ class State:
     conflicted_jobs: frozenset[str] = frozenset()  # jobs already counted as conflicts
     last_yield: YieldRecord | None = None
     ever_started: bool = False
+    cooling: bool = False  # a yield happened: wait cooldown_seconds of free GPUs before the next start
 
 
 # --- actions the core asks for -------------------------------------------------------------------
