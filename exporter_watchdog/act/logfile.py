@@ -1,0 +1,88 @@
+"""A size-bounded log file (one backup) and the thread that pumps a server's output pipe into it."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+from loguru import logger
+
+_CHUNK = 64 * 1024
+
+
+class RotatingLog:
+    """Append-only file that moves itself to PATH.1 before it would grow past max_bytes."""
+
+    def __init__(self, path: Path, max_bytes: int) -> None:
+        if max_bytes <= 0:
+            raise ValueError(f"log max_bytes must be positive, got {max_bytes}")
+        self.path = path
+        self.backup = path.with_name(path.name + ".1")
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(path, "ab", buffering=0)  # noqa: SIM115 - closed by close()
+        self._size = self._fh.seek(0, os.SEEK_END)
+
+    def write(self, data: bytes) -> None:
+        """Append data, rotating first when it would not fit; a chunk larger than the bound is cut."""
+        with self._lock:
+            if self._fh.closed:
+                return
+            if len(data) > self.max_bytes:
+                data = data[-self.max_bytes :]  # keep the newest bytes: they say why it died
+            if self._size and self._size + len(data) > self.max_bytes:
+                self._rotate()
+            self._fh.write(data)
+            self._size += len(data)
+
+    def _rotate(self) -> None:
+        self._fh.close()
+        os.replace(self.path, self.backup)
+        self._fh = open(self.path, "ab", buffering=0)  # noqa: SIM115 - closed by close()
+        self._size = 0
+
+    def close(self) -> None:
+        """Close the file; later writes are dropped."""
+        with self._lock:
+            self._fh.close()
+
+
+class PipePump:
+    """A thread that copies everything read from fd into a RotatingLog until end of file."""
+
+    def __init__(self, fd: int, log: RotatingLog, name: str = "server-log") -> None:
+        self._fd = fd
+        self._log = log
+        # Reads no larger than the bound keep every file at or under max_bytes.
+        self._chunk = max(1, min(_CHUNK, log.max_bytes))
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        """Start pumping."""
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                try:
+                    data = os.read(self._fd, self._chunk)
+                except InterruptedError:
+                    continue
+                if not data:
+                    break  # every writer (the whole server tree) closed the pipe
+                try:
+                    self._log.write(data)
+                except OSError as exc:
+                    # Keep draining even when the disk is full: a server blocked on a full pipe
+                    # would hang instead of serving.
+                    logger.warning("server log {}: {}", self._log.path, exc)
+        finally:
+            os.close(self._fd)
+            self._log.close()
+
+    def join(self, timeout: float) -> bool:
+        """Wait up to timeout for end of file; True when the pump has finished."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
