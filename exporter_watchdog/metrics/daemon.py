@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -134,11 +134,14 @@ class SnapshotCollector(Collector):
         )
         profile.add_metric([snap.profile, snap.model], 1)
         yield profile
+        # exporter_watchdog_gpu_owner comes from GpuCollector (owners=snapshot_owners(...)): it sits with
+        # the GPU's other series and still says something in exporter-only mode with no loop.
 
-        owner = GaugeMetricFamily(
-            f"{PREFIX}_gpu_owner", "1 for the current owner of each GPU.", labels=["gpu", "owner"]
-        )
-        for gpu in sorted(snap.gpu_owner):
-            for candidate in ("free", "watchdog", "slurm"):
-                owner.add_metric([str(gpu), candidate], 1.0 if snap.gpu_owner[gpu].value == candidate else 0.0)
-        yield owner
+
+def snapshot_owners(snapshot: Callable[[], Snapshot]) -> Callable[[], Mapping[int, str]]:
+    """The `owners` callable for GpuCollector: GPU index -> owner from the daemon's snapshot."""
+
+    def owners() -> Mapping[int, str]:
+        return {gpu: owner.value for gpu, owner in snapshot().gpu_owner.items()}
+
+    return owners

@@ -1,0 +1,171 @@
+"""The read-only HTTP side: /metrics, /healthz (and dcgm-exporter's /health), /status."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import socket
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from loguru import logger
+from prometheus_client import CollectorRegistry
+
+from exporter_watchdog.metrics.exposition import CONTENT_TYPE, render_text
+
+# Below this size gzip costs more time than the bytes it saves on loopback or a LAN.
+GZIP_MIN_BYTES = 4096
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """Split "HOST:PORT" (IPv6 as "[::1]:9400"); raise ValueError naming the value when malformed."""
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"listen address {listen!r}: expected HOST:PORT with PORT in 0-65535")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host or "0.0.0.0", int(port_text)
+
+
+def _accepts_gzip(header: str | None) -> bool:
+    for part in (header or "").split(","):
+        token, _, params = part.strip().partition(";")
+        if token.strip().lower() == "gzip":
+            return params.replace(" ", "") not in ("q=0", "q=0.0")
+    return False
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class MetricsServer:
+    """Serves the registry and the daemon's health and status on a background thread."""
+
+    def __init__(
+        self,
+        listen: str,
+        registry: CollectorRegistry,
+        status: Callable[[], dict[str, Any]],
+        healthy: Callable[[], bool],
+    ) -> None:
+        self._host, self._port = parse_listen(listen)
+        self._registry = registry
+        self._status = status
+        self._healthy = healthy
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port (the free one picked when asked for port 0)."""
+        if self._server is None:
+            return self._port
+        return int(self._server.server_address[1])
+
+    def start(self) -> MetricsServer:
+        """Bind and serve; raise OSError naming the address when it cannot bind."""
+        handler = _make_handler(self._registry, self._status, self._healthy)
+        server_cls = _Server6 if ":" in self._host else _Server
+        try:
+            self._server = server_cls((self._host, self._port), handler)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot listen on {self._host}:{self._port}: {exc.strerror}") from exc
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
+        self._thread.start()
+        logger.info("metrics on http://{}:{}/metrics", self._host, self.port)
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop accepting, close the socket and wait for the serving thread."""
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._server = None
+        self._thread = None
+
+
+def _make_handler(
+    registry: CollectorRegistry, status: Callable[[], dict[str, Any]], healthy: Callable[[], bool]
+) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive: Prometheus reuses its connection between scrapes
+        timeout = 30  # a client that stalls mid-request frees its thread
+        server_version = "exporter-watchdog"
+
+        def do_GET(self) -> None:
+            self._answer(head=False)
+
+        def do_HEAD(self) -> None:
+            self._answer(head=True)
+
+        def _not_allowed(self) -> None:
+            self.close_connection = True  # a request body we do not read must not be parsed as the next request
+            self._send(405, b"method not allowed: the HTTP side is read-only\n", "text/plain; charset=utf-8",
+                       extra={"Allow": "GET, HEAD"})
+
+        do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
+
+        def _answer(self, head: bool) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._metrics(head)
+            elif path in ("/healthz", "/health"):
+                try:
+                    ok = bool(healthy())
+                except Exception:
+                    logger.exception("health check failed")
+                    ok = False
+                body = b"ok\n" if ok else b"unhealthy: the daemon loop is not advancing\n"
+                self._send(200 if ok else 503, body, "text/plain; charset=utf-8", head=head)
+            elif path == "/status":
+                try:
+                    body = json.dumps(status(), indent=2, sort_keys=True, default=str).encode() + b"\n"
+                except Exception as exc:
+                    logger.exception("status failed")
+                    body = json.dumps({"error": str(exc)}).encode() + b"\n"
+                    self._send(500, body, "application/json", head=head)
+                    return
+                self._send(200, body, "application/json", head=head)
+            else:
+                self._send(404, b"not found: try /metrics, /healthz or /status\n", "text/plain; charset=utf-8",
+                           head=head)
+
+        def _metrics(self, head: bool) -> None:
+            try:
+                body = render_text(registry)
+            except Exception as exc:  # collectors are guarded; this is the last line of defence
+                logger.exception("rendering /metrics failed")
+                self._send(500, f"error: {exc}\n".encode(), "text/plain; charset=utf-8", head=head)
+                return
+            extra: dict[str, str] = {}
+            if len(body) >= GZIP_MIN_BYTES and _accepts_gzip(self.headers.get("Accept-Encoding")):
+                body = gzip.compress(body, compresslevel=1)
+                extra["Content-Encoding"] = "gzip"
+            self._send(200, body, CONTENT_TYPE, head=head, extra=extra)
+
+        def _send(self, code: int, body: bytes, ctype: str, head: bool = False,
+                  extra: dict[str, str] | None = None) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            for key, value in (extra or {}).items():
+                self.send_header(key, value)
+            self.end_headers()
+            if not head:
+                self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
+            logger.trace("http {} {}", self.client_address[0], format % args)
+
+    return Handler
