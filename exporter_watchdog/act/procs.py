@@ -53,10 +53,11 @@ def parse_stat(text: str) -> ProcInfo:
     )
 
 
-def read_proc(pid: int, proc_root: Path = PROC) -> ProcInfo | None:
-    """Read one process; None when it does not exist (or vanished while being read)."""
+def _read_stat(path: str) -> ProcInfo | None:
+    # os.open/os.read on a str path: a full /proc scan runs on every check while stopping, and
+    # pathlib plus text wrappers cost several times more than the read itself.
     try:
-        text = (proc_root / str(pid) / "stat").read_text(errors="replace")
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except (FileNotFoundError, ProcessLookupError, NotADirectoryError):
         return None
     except OSError as exc:
@@ -64,10 +65,25 @@ def read_proc(pid: int, proc_root: Path = PROC) -> ProcInfo | None:
             return None
         raise
     try:
-        return parse_stat(text)
+        raw = os.read(fd, 4096)
+    except ProcessLookupError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ESRCH:
+            return None
+        raise
+    finally:
+        os.close(fd)
+    try:
+        return parse_stat(raw.decode(errors="replace"))
     except ValueError:
         # A process caught half-way through exit can leave an empty stat behind.
         return None
+
+
+def read_proc(pid: int, proc_root: Path = PROC) -> ProcInfo | None:
+    """Read one process; None when it does not exist (or vanished while being read)."""
+    return _read_stat(f"{proc_root}/{pid}/stat")
 
 
 def list_processes(proc_root: Path = PROC) -> list[ProcInfo]:
@@ -77,10 +93,11 @@ def list_processes(proc_root: Path = PROC) -> list[ProcInfo]:
         names = os.listdir(proc_root)
     except FileNotFoundError:
         return out
+    base = str(proc_root)
     for name in names:
         if not name.isdigit():
             continue
-        info = read_proc(int(name), proc_root)
+        info = _read_stat(f"{base}/{name}/stat")
         if info is not None:
             out.append(info)
     return out
