@@ -1,0 +1,259 @@
+"""`exporter-watchdog serve`: build the real (or demo) pieces in one place and run the daemon loop."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from loguru import logger
+from prometheus_client import CollectorRegistry
+
+from exporter_watchdog.act.control import ControlError, ControlServer
+from exporter_watchdog.act.health import HealthProbe
+from exporter_watchdog.act.procs import list_processes, live_members
+from exporter_watchdog.act.statefile import active_profile, ensure_state_dir
+from exporter_watchdog.act.supervisor import Supervisor
+from exporter_watchdog.config import Config, ConfigError, load_config
+from exporter_watchdog.daemon import Daemon
+from exporter_watchdog.detect.cgroups import scan_jobs
+from exporter_watchdog.detect.runner import CommandRunner, run_command
+from exporter_watchdog.detect.scontrol import SlurmClient
+from exporter_watchdog.detect.watcher import CgroupWatcher
+from exporter_watchdog.metrics.daemon import DaemonMetrics, SnapshotCollector
+from exporter_watchdog.metrics.gpu import GpuCollector, XidWatcher
+from exporter_watchdog.metrics.http import MetricsServer
+from exporter_watchdog.metrics.nvml import GpuBackend, GpuUnavailable, NvmlBackend
+from exporter_watchdog.metrics.ownership import slurm_job_processes_on
+from exporter_watchdog.profiles import ProfileError, check_runnable, find_profile, models_dir
+from exporter_watchdog.status import status_dict
+
+# /healthz turns 503 when the loop has not come round for this long (it wakes at least every rescan).
+STUCK_AFTER_MIN = 30.0
+DEMO_DEFAULTS: dict[str, Any] = {
+    "node.name": "demo-node", "node.gpus": 4, "claim.gpus": 2, "claim.cooldown_seconds": 5.0,
+    "server.profile": "demo", "server.startup_timeout_seconds": 30.0,
+}
+
+
+class StartupError(Exception):
+    """Something outside the config keeps the daemon from starting (port taken, daemon running)."""
+
+
+def configure_logging(level: str) -> None:
+    logger.remove()
+    logger.add(sys.stderr, level=level, format="{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} {message}")
+
+
+def load_serve_config(path: Path | None, *, demo: bool, listen: str | None, exporter_only: bool) -> Config:
+    """The config with command-line overrides; --demo fills in a simulated node where the file is silent."""
+    overrides: dict[str, Any] = {}
+    if listen:
+        overrides["metrics.listen"] = listen
+    if exporter_only:
+        overrides["exporter_only"] = True
+    config = load_config(path, overrides)
+    if demo:
+        raw = config.raw
+        silent = {k: v for k, v in DEMO_DEFAULTS.items()
+                  if not isinstance(raw.get(k.split(".")[0]), dict) or k.split(".")[1] not in raw[k.split(".")[0]]}
+        if silent:
+            config = load_config(path, {**silent, **overrides})
+    return config
+
+
+@dataclass
+class Node:
+    """The node-specific pieces: real Slurm and NVML, or the demo's stand-ins."""
+
+    gpus: int
+    cgroup_root: Path
+    runner: CommandRunner
+    backend: GpuBackend | None
+    closers: list[Any] = field(default_factory=list)
+
+
+def real_node(config: Config) -> Node:
+    try:
+        backend: GpuBackend | None = NvmlBackend.open()
+    except GpuUnavailable as exc:
+        backend = None
+        logger.warning("no GPU metrics: {}", exc)
+    count = backend.device_count() if backend is not None else None
+    if count is None or count == 0:
+        if config.node.gpus is None:
+            raise ConfigError(config.source, "node.gpus", None,
+                              "NVML sees no GPU here; set node.gpus to the node's GPU count")
+        count = config.node.gpus
+    elif config.node.gpus is not None and config.node.gpus != count:
+        logger.warning("node.gpus is {} but NVML sees {} GPUs; using NVML's count", config.node.gpus, count)
+    return Node(gpus=count, cgroup_root=config.slurm.cgroup_root, runner=run_command, backend=backend)
+
+
+def demo_node(config: Config) -> Node:
+    from exporter_watchdog.demo.gpus import SimulatedGpus, StubLoad
+    from exporter_watchdog.demo.node import DemoNode, DemoReaper
+
+    gpus = config.node.gpus or 4
+    node = DemoNode(config.state_dir / "demo-node", config.node.name, gpus)
+    node.clear()
+    node.prepare()
+    reaper = DemoReaper(node)
+    reaper.start()
+    load = StubLoad(f"http://127.0.0.1:{config.server.port}/metrics")
+    backend = SimulatedGpus(gpus, load=load)
+    logger.info("demo node {} with {} simulated GPUs; job cgroups under {}", config.node.name, gpus, node.cgroup_root)
+    return Node(gpus=gpus, cgroup_root=node.cgroup_root, runner=node.scontrol, backend=backend,
+                closers=[reaper.stop, node.clear])
+
+
+def check_profile_or_fail(config: Config, node_gpus: int) -> None:
+    """An unknown or unrunnable configured profile is a config error: exit 2, nothing started."""
+    if config.exporter_only:
+        return
+    claim = config.claim.gpus or node_gpus
+    if claim > node_gpus:
+        raise ConfigError(config.source, "claim.gpus", config.claim.gpus, f"the node has only {node_gpus} GPUs")
+    name = active_profile(config.state_dir, config.server.profile)
+    if name is None:
+        raise ConfigError(config.source, "server.profile", None,
+                          "set a model profile (see `exporter-watchdog models`), or exporter_only: true")
+    try:
+        profile = find_profile(models_dir(config), name)
+    except ProfileError as exc:
+        raise ConfigError(config.source, "server.profile", name, str(exc)) from None
+    why = check_runnable(profile, config, claim)
+    if why:
+        raise ConfigError(config.source, "server.profile", name, why)
+
+
+def serve(config_path: Path | None, *, demo: bool, listen: str | None, exporter_only: bool) -> int:
+    config = load_serve_config(config_path, demo=demo, listen=listen, exporter_only=exporter_only)
+    configure_logging(config.log_level)
+    ensure_state_dir(config.state_dir)
+    node = demo_node(config) if demo else real_node(config)
+    try:
+        if demo:
+            config = replace(config, slurm=replace(config.slurm, cgroup_root=node.cgroup_root))
+        check_profile_or_fail(config, node.gpus)
+        return _run(config, config_path, node, demo=demo, listen=listen, exporter_only=exporter_only)
+    finally:
+        for close in reversed(node.closers):
+            close()
+        if node.backend is not None:
+            node.backend.close()
+
+
+def _run(config: Config, config_path: Path | None, node: Node, *, demo: bool, listen: str | None,
+         exporter_only: bool) -> int:
+    registry = CollectorRegistry()
+    metrics = DaemonMetrics(registry)
+    supervisor = Supervisor(
+        record_path=config.state_dir / "server.json", log_path=config.state_dir / "server.log",
+        term_timeout=config.server.stop_timeout_seconds, log_max_bytes=config.server.log_max_bytes,
+    )
+    watcher = CgroupWatcher(
+        config.slurm.cgroup_root, config.node.name, wake=lambda: daemon.wake(), mode=config.slurm.detect,
+        poll_interval=config.slurm.poll_interval_seconds,
+    )
+    slurm = SlurmClient(config.slurm.scontrol, config.node.name, node.runner, timeout=config.slurm.timeout_seconds)
+    backend = node.backend
+    gpu_jobs = None
+    if backend is not None and not demo:
+        def gpu_jobs(claimed: tuple[int, ...]) -> dict[str, set[int]]:
+            return slurm_job_processes_on(backend, claimed)
+    daemon = Daemon(
+        config, node_gpus=node.gpus,
+        scan_jobs=lambda: scan_jobs(config.slurm.cgroup_root, config.node.name),
+        slurm=slurm, watcher=watcher, supervisor=supervisor,
+        health_factory=lambda wake: HealthProbe(wake, interval=1.0, timeout=2.0),
+        metrics=metrics, gpu_job_processes=gpu_jobs,
+    )
+
+    def server_pids() -> set[int]:
+        pid = daemon.snapshot().server_pid
+        return {p.pid for p in live_members(pid, list_processes())} if pid else set()
+
+    registry.register(SnapshotCollector(daemon.snapshot))
+    xids: XidWatcher | None = None
+    if backend is not None:
+        xids = XidWatcher(backend).start()
+        registry.register(GpuCollector(
+            backend, config.node.name,
+            owners=lambda: {g: o.value for g, o in daemon.snapshot().gpu_owner.items()},
+            server_pids=server_pids, cache_seconds=config.metrics.gpu_cache_seconds, xids=xids,
+        ))
+    stuck_after = max(STUCK_AFTER_MIN, 3 * config.slurm.rescan_seconds + 2 * config.server.stop_timeout_seconds)
+    http = MetricsServer(
+        config.metrics.listen, registry,
+        status=lambda: status_dict(daemon.snapshot(), time.time()),
+        healthy=lambda: daemon.loop_alive(stuck_after),
+    )
+    try:
+        http.start()
+    except OSError as exc:
+        raise StartupError(f"metrics.listen {config.metrics.listen}: {exc.strerror or exc}") from None
+    control = ControlServer(config.control_socket, lambda req: handle_control(daemon, req))
+    try:
+        control.start()
+    except (ControlError, OSError) as exc:
+        http.stop()
+        raise StartupError(f"control socket: {exc}") from None
+    found = supervisor.cleanup_orphan()
+    if found:
+        logger.warning("stopped {} process(es) of a server left behind by an earlier daemon", found)
+
+    def on_stop(signum: int, frame: FrameType | None) -> None:
+        logger.info("{} received", signal.Signals(signum).name)
+        daemon.request_stop()
+
+    def on_hup(signum: int, frame: FrameType | None) -> None:
+        try:
+            new = load_serve_config(config_path, demo=demo, listen=listen, exporter_only=exporter_only)
+        except ConfigError as exc:
+            logger.error("SIGHUP: config not reloaded: {}", exc)
+            return
+        if demo:
+            new = replace(new, slurm=replace(new.slurm, cgroup_root=node.cgroup_root))
+        daemon.request_reload(new)
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, on_hup)
+    logger.info("exporter-watchdog on node {} ({} GPUs), metrics on http://{}/metrics, control {}",
+                config.node.name, node.gpus, config.metrics.listen, config.control_socket)
+    try:
+        daemon.start(active_profile(config.state_dir, config.server.profile))
+        daemon.run()
+    finally:
+        control.stop()
+        http.stop()
+        if xids is not None:
+            xids.stop()
+    logger.info("stopped")
+    return 0
+
+
+def handle_control(daemon: Daemon, req: dict[str, Any]) -> dict[str, Any]:
+    """The control socket's verbs."""
+    cmd = req.get("cmd")
+    if cmd == "status":
+        return {"ok": True, "status": status_dict(daemon.snapshot(), time.time())}
+    if cmd == "switch":
+        name = req.get("profile")
+        if not isinstance(name, str):
+            return {"ok": False, "error": "switch needs a profile name"}
+        return daemon.request_switch(name)
+    if cmd == "release":
+        gpus = req.get("gpus")
+        timeout = req.get("timeout", 30.0)
+        if not isinstance(gpus, list) or not all(isinstance(g, int) for g in gpus):
+            return {"ok": False, "error": "release needs gpus: a list of GPU indices"}
+        if not isinstance(timeout, (int, float)) or timeout < 0:
+            return {"ok": False, "error": "release: timeout must be a number of seconds"}
+        return daemon.request_release(str(req.get("job_id", "prolog")), gpus, float(timeout))
+    return {"ok": False, "error": f"unknown command {cmd!r}"}
