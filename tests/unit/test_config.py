@@ -121,7 +121,8 @@ def test_glm_profile_command_line_owns_tp_and_visible_devices() -> None:
     assert argv[argv.index("--tensor-parallel-size") + 1] == "2"
     assert argv.count("--tensor-parallel-size") == 1
     assert argv[argv.index("--served-model-name") + 1] == "glm-4.7-flash"
-    for flag in ("--speculative-config.method", "--tool-call-parser", "--reasoning-parser", "--enable-auto-tool-choice"):
+    flags = ("--speculative-config.method", "--tool-call-parser", "--reasoning-parser", "--enable-auto-tool-choice")
+    for flag in flags:
         assert flag in argv
     assert argv[argv.index("--speculative-config.method") + 1] == "mtp"
     assert argv[argv.index("--tool-call-parser") + 1] == "glm47"
