@@ -22,7 +22,7 @@ class RotatingLog:
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(path, "ab", buffering=0)  # noqa: SIM115 - closed by close()
+        self._fh = open(path, "ab", buffering=0)  # unbuffered: a crash loses nothing already read
         self._size = self._fh.seek(0, os.SEEK_END)
 
     def write(self, data: bytes) -> None:
@@ -39,8 +39,15 @@ class RotatingLog:
 
     def _rotate(self) -> None:
         self._fh.close()
-        os.replace(self.path, self.backup)
-        self._fh = open(self.path, "ab", buffering=0)  # noqa: SIM115 - closed by close()
+        truncate = False
+        try:
+            os.replace(self.path, self.backup)
+        except OSError as exc:
+            # Removed from under us, or the directory refuses the rename: start over in place
+            # rather than grow without bound.
+            logger.warning("cannot rotate {} to {}: {}", self.path, self.backup, exc)
+            truncate = True
+        self._fh = open(self.path, "wb" if truncate else "ab", buffering=0)
         self._size = 0
 
     def close(self) -> None:
@@ -74,9 +81,9 @@ class PipePump:
                     break  # every writer (the whole server tree) closed the pipe
                 try:
                     self._log.write(data)
-                except OSError as exc:
-                    # Keep draining even when the disk is full: a server blocked on a full pipe
-                    # would hang instead of serving.
+                except Exception as exc:
+                    # Keep draining whatever goes wrong with the file (disk full, folder gone): a
+                    # server blocked on a full pipe would hang, one facing a closed pipe would die.
                     logger.warning("server log {}: {}", self._log.path, exc)
         finally:
             os.close(self._fd)

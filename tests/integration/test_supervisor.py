@@ -19,6 +19,7 @@ import pytest
 
 from exporter_watchdog.act import procs
 from exporter_watchdog.act.health import HealthProbe
+from exporter_watchdog.act.logfile import RotatingLog
 from exporter_watchdog.act.procs import ProcInfo
 from exporter_watchdog.act.supervisor import PollResult, ServerRecord, Supervisor
 
@@ -391,6 +392,21 @@ def test_log_appends_across_starts(tmp_path: Path, tracker: Tracker) -> None:
     assert text.count("--- ") == 2  # one header per start
 
 
+def test_log_survives_losing_its_file(tmp_path: Path) -> None:
+    log = RotatingLog(tmp_path / "server.log", max_bytes=100)
+    try:
+        log.write(b"a" * 60)
+        (tmp_path / "server.log").unlink()  # an operator cleaning up by hand
+        log.write(b"b" * 60)  # would pass the bound: rotation finds no file to move
+        log.write(b"c" * 30)
+        assert (tmp_path / "server.log").read_bytes() == b"b" * 60 + b"c" * 30
+        log.write(b"d" * 250)  # larger than the bound: only the newest bytes are kept
+        assert (tmp_path / "server.log").read_bytes() == b"d" * 100
+        assert (tmp_path / "server.log.1").read_bytes() == b"b" * 60 + b"c" * 30
+    finally:
+        log.close()
+
+
 # ----- health probe ------------------------------------------------------------------------------
 
 
@@ -405,7 +421,7 @@ class HealthServer:
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            def do_GET(self) -> None:
                 outer.in_flight += 1
                 try:
                     if outer.hang.is_set():
@@ -416,7 +432,7 @@ class HealthServer:
                 finally:
                     outer.in_flight -= 1
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - keep quiet
+            def log_message(self, format: str, *args: Any) -> None:  # keep the test output quiet
                 pass
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
