@@ -312,8 +312,8 @@ class Supervisor:
         signalled: set[tuple[int, int]] = set()
         seen: set[tuple[int, int]] = set()
 
-        def hit(sig: int, again: bool) -> list[ProcInfo]:
-            if group is not None:
+        def hit(sig: int, use_group: bool, again: bool) -> list[ProcInfo]:
+            if use_group and group is not None:
                 try:
                     os.killpg(group, sig)
                 except ProcessLookupError:
@@ -324,9 +324,9 @@ class Supervisor:
             for p in live:
                 key = (p.pid, p.start_ticks)
                 seen.add(key)
-                # The group got the signal from killpg; a second SIGTERM makes some servers abort
-                # their graceful shutdown, so each process gets SIGTERM once.
-                if group is not None and p.pgid == group:
+                # Group members just got sig from killpg. Each process gets SIGTERM only once: a
+                # second one makes some servers abandon their graceful shutdown.
+                if use_group and p.pgid == group:
                     signalled.add(key)
                 if again or key not in signalled:
                     procs.signal_verified(p, sig, self.proc_root)
@@ -335,15 +335,16 @@ class Supervisor:
 
         def wait_until_gone(sig: int, deadline: float, again: bool) -> list[ProcInfo]:
             interval = _FIRST_INTERVAL
-            live = hit(sig, again)
+            live = hit(sig, use_group=True, again=again)
             while live:
                 now = time.monotonic()
                 if now >= deadline:
                     break
                 waker.wait(min(interval, deadline - now))
                 interval = min(interval * _BACKOFF, _MAX_INTERVAL)
-                # Processes forked since the last look get the signal too.
-                live = hit(sig, again) if again else self._signal_new(members, sig, signalled, seen)
+                # Processes forked since the last look get the signal too; SIGKILL is simply
+                # repeated, group included.
+                live = hit(sig, use_group=again, again=again)
             return live
 
         live = wait_until_gone(signal.SIGTERM, time.monotonic() + term_timeout, again=False)
@@ -352,22 +353,6 @@ class Supervisor:
             logger.warning("{} process(es) still alive after SIGTERM: sending SIGKILL", len(live))
             live = wait_until_gone(signal.SIGKILL, time.monotonic() + self.kill_timeout, again=True)
         return escalated, len(live), len(seen)
-
-    def _signal_new(
-        self,
-        members: Callable[[], list[ProcInfo]],
-        sig: int,
-        signalled: set[tuple[int, int]],
-        seen: set[tuple[int, int]],
-    ) -> list[ProcInfo]:
-        live = members()
-        for p in live:
-            key = (p.pid, p.start_ticks)
-            seen.add(key)
-            if key not in signalled:
-                procs.signal_verified(p, sig, self.proc_root)
-                signalled.add(key)
-        return live
 
     def _forget(self, join_timeout: float) -> None:
         """Reap the leader if it is dead, finish the log pump, drop the record."""

@@ -72,6 +72,24 @@ def tree(ready: str) -> None:
     _pause_forever()
 
 
+def count_term(ready: str, out: str) -> None:
+    """Shut down gracefully on SIGTERM (taking a while), recording how many SIGTERMs arrived."""
+    own_group = os.fork() == 0  # the child moves to its own group, as worker pools sometimes do
+    if own_group:
+        os.setpgid(0, 0)
+    got: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+    if not own_group:
+        _write_ready(ready, {"leader": os.getpid(), "descendants": []})
+    while not got:
+        signal.pause()
+    deadline = time.monotonic() + 0.3  # the graceful part: a supervisor polls several times meanwhile
+    while time.monotonic() < deadline:
+        time.sleep(0.01)
+    _write_ready(f"{out}.{'child' if own_group else 'leader'}", {"sigterms": len(got)})
+    os._exit(0)
+
+
 def main(argv: list[str]) -> None:
     mode, args = argv[0], argv[1:]
     if mode == "term-ok":
@@ -83,6 +101,8 @@ def main(argv: list[str]) -> None:
         print("ignoring SIGTERM", flush=True)
         _write_ready(args[0], {"leader": os.getpid(), "descendants": []})
         _pause_forever()
+    elif mode == "count-term":
+        count_term(args[0], args[1])
     elif mode == "tree":
         tree(args[0])
     elif mode == "exit":

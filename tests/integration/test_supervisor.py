@@ -179,6 +179,25 @@ def test_grandchildren_in_other_groups_all_gone(tmp_path: Path, tracker: Tracker
     assert procs.live_members(pid, procs.list_processes()) == []
 
 
+def test_graceful_shutdown_gets_one_sigterm(tmp_path: Path, tracker: Tracker) -> None:
+    sup = tracker.supervisor(tmp_path)
+    ready, out = tmp_path / "ready.json", tmp_path / "count"
+    pid = sup.start(server_argv("count-term", ready, out), child_env())
+    tracker.ready(ready)
+    child = wait_for(
+        lambda: [p for p in procs.live_members(pid, procs.list_processes()) if p.pgid != pid],
+        "the child to move to its own group",
+    )
+    tracker.procs.extend(child)
+
+    result = sup.stop()
+
+    assert not result.escalated and result.remaining == 0
+    # Both the leader (through its group) and the child in another group got exactly one.
+    for who in ("leader", "child"):
+        assert json.loads(Path(f"{out}.{who}").read_text()) == {"sigterms": 1}
+
+
 def test_stop_without_server_is_a_noop(tmp_path: Path, tracker: Tracker) -> None:
     sup = tracker.supervisor(tmp_path)
     result = sup.stop()
