@@ -534,4 +534,5 @@ def test_hung_server_never_blocks_the_caller(health_server: HealthServer) -> Non
         health_server.release.set()
         wait_for(lambda: probe.ready, "ready once the server answers")
     finally:
+        health_server.release.set()  # on failure too: close() would otherwise wait for the request
         probe.close()
