@@ -94,9 +94,14 @@ def cmd_models(args: argparse.Namespace) -> int:
     from exporter_watchdog.act.statefile import active_profile
     from exporter_watchdog.profiles import ProfileError, check_runnable, list_profiles, load_profile, models_dir
 
+    from exporter_watchdog.act.control import ControlError, request
+
     config = _load(args)
     directory = models_dir(config)
-    active = active_profile(config.state_dir, config.server.profile)
+    try:  # the running daemon knows best (it may run with --demo defaults)
+        active = request(config.control_socket, {"cmd": "status"}, timeout=2.0)["status"]["profile"]
+    except (ControlError, KeyError, TypeError):
+        active = active_profile(config.state_dir, config.server.profile)
     paths = list_profiles(directory)
     if not paths:
         return _fail(f"no profiles in {directory}")

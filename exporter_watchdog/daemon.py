@@ -429,7 +429,7 @@ class Daemon:
         )
         self.config = config
         logger.info("config reloaded from {}", config.source)
-        launch_changed = (old.server, old.cuda) != (config.server, config.cuda)
+        launch_changed = (old.server, old.cuda, old.claim.gpus) != (config.server, config.cuda, config.claim.gpus)
         name = config.server.profile if config.server.profile != old.server.profile else (
             self.profile.name if self.profile else config.server.profile)
         self._select_profile(name)
