@@ -91,10 +91,9 @@ def cmd_switch(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    from exporter_watchdog.act.control import ControlError, request
     from exporter_watchdog.act.statefile import active_profile
     from exporter_watchdog.profiles import ProfileError, check_runnable, list_profiles, load_profile, models_dir
-
-    from exporter_watchdog.act.control import ControlError, request
 
     config = _load(args)
     directory = models_dir(config)
