@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -82,7 +83,7 @@ class CgroupWatcher:
         self._handler = _Handler(self._on_event)
         # Watches are added and removed only by the planner thread; the event handler just pokes it,
         # so the handler (which runs under the observer's lock) never waits for anything of ours.
-        self._watches: dict[tuple[Path, bool], ObservedWatch] = {}
+        self._watches: dict[tuple[Path, bool], tuple[ObservedWatch, tuple[int, int]]] = {}  # -> (watch, inode)
         self._replan = threading.Event()
         self._planned = threading.Event()
         self._watch_error: OSError | None = None
@@ -148,6 +149,9 @@ class CgroupWatcher:
     # --- inotify ---------------------------------------------------------------------------------
 
     def _start_inotify(self) -> None:
+        # watchdog warns (with a repr of every watch) when a new directory's own IN_CREATE arrives
+        # after its recursive walk already watched it; that race is harmless, and each job makes it.
+        warnings.filterwarnings("ignore", message="Callback with id .* already exists", category=RuntimeWarning)
         self._observer = InotifyObserver()
         self._observer.start()
         self._spawn("cgroup-watch-planner", self._plan_loop)
@@ -169,11 +173,12 @@ class CgroupWatcher:
                 return
             self._replan.clear()
             try:
-                added = self._update_watches(fail_hard=first)
-                if added and not first:
-                    # Jobs made under a new directory before its watch existed send no event.
-                    self._record(scan_jobs(self._root, self._node))
-                    self._safe_wake()
+                self._update_watches(fail_hard=first)
+                if not first:
+                    # Jobs made under a new directory before its watch existed send no event, and
+                    # the kernel may drop events: whatever this scan finds first is recorded now.
+                    if self._record_new(scan_jobs(self._root, self._node)):
+                        self._safe_wake()
             except OSError as exc:
                 self._watch_error = exc
             except Exception:  # keep planning: the next round may succeed
@@ -183,33 +188,37 @@ class CgroupWatcher:
                     first = False
                     self._planned.set()
 
-    def _update_watches(self, fail_hard: bool = False) -> bool:
-        """Watch what watch_plan lists now and drop watches on paths it no longer lists; True if any added."""
+    def _update_watches(self, fail_hard: bool = False) -> None:
+        """Watch what watch_plan lists now, re-watch directories made anew, drop the rest."""
         observer = self._observer
         if observer is None:
-            return False
-        added = False
+            return
         for _ in range(_MAX_PLAN_ROUNDS):
             plan = watch_plan(self._root, self._node)
-            wanted = [(p, True) for p in plan.recursive] + [(p, False) for p in plan.shallow]
-            for key in set(self._watches) - set(wanted):
-                self._unschedule(observer, self._watches.pop(key))
+            wanted: dict[tuple[Path, bool], tuple[int, int]] = {}
+            for key in [(p, True) for p in plan.recursive] + [(p, False) for p in plan.shallow]:
+                try:
+                    st = os.stat(key[0])
+                except OSError:
+                    continue
+                wanted[key] = (st.st_dev, st.st_ino)
+            # A directory removed and made again (slurmd restarted) has a new inode and no watch.
+            for key in [k for k, (_, ident) in self._watches.items() if wanted.get(k) != ident]:
+                self._unschedule(observer, self._watches.pop(key)[0])
             new = [key for key in wanted if key not in self._watches]
             if not new:
-                break
+                return
             for path, recursive in new:
                 try:
-                    self._watches[(path, recursive)] = observer.schedule(
-                        self._handler, str(path), recursive=recursive, event_filter=_EVENT_FILTER
-                    )
-                    added = True
+                    watch = observer.schedule(self._handler, str(path), recursive=recursive, event_filter=_EVENT_FILTER)
                 except FileNotFoundError:
                     continue  # vanished since planning: the next plan leaves it out
                 except OSError as exc:  # out of inotify watches, or no inotify on this filesystem
                     if fail_hard:
                         raise
                     logger.warning("cannot watch {}: {}", path, exc)
-        return added
+                    continue
+                self._watches[(path, recursive)] = (watch, wanted[(path, recursive)])
 
     @staticmethod
     def _unschedule(observer: BaseObserver, watch: ObservedWatch) -> None:
@@ -282,6 +291,15 @@ class CgroupWatcher:
                 logger.exception("error polling {}", self._root)
 
     # --- shared ----------------------------------------------------------------------------------
+
+    def _record_new(self, job_ids: Iterable[str]) -> bool:
+        """Record jobs not seen before at the current time; whether there were any."""
+        now = self._clock()
+        with self._lock:
+            new = [job_id for job_id in job_ids if job_id not in self._first_seen]
+            for job_id in new:
+                self._first_seen[job_id] = now
+        return bool(new)
 
     def _record(self, job_ids: Iterable[str], now: float | None = None) -> frozenset[str]:
         """Set the first-seen time of jobs not seen before; return all of job_ids."""

@@ -14,7 +14,7 @@ T = TypeVar("T")
 DEADLINE = 20.0
 
 
-def wait_until(check: Callable[[], T], what: str, timeout: float = DEADLINE, interval: float = 0.005) -> T:
+def wait_until(check: Callable[[], T | None], what: str, timeout: float = DEADLINE, interval: float = 0.005) -> T:
     """Poll check() until it returns something truthy; fail the test naming what we waited for."""
     deadline = time.monotonic() + timeout
     while True:
