@@ -20,6 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = REPO / "prometheus"
@@ -334,3 +335,47 @@ def run_tool(argv: Sequence[str], cwd: Path | None = None, timeout: float = 120.
         list(argv), cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, timeout=timeout, check=False,
     )
+
+
+# --- test copies of the shipped configs ------------------------------------------------------------
+
+
+def write_prometheus_config(
+    workdir: Path, target_groups: list[dict[str, Any]], alertmanager: str | None = None, interval: str = "1s",
+) -> Path:
+    """The shipped prometheus.yml with short intervals, the shipped rules, and the given file_sd targets."""
+    config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
+    config["global"].update(scrape_interval=interval, evaluation_interval=interval, scrape_timeout=interval)
+    config["rule_files"] = [str(PROMETHEUS_DIR / pattern) for pattern in config["rule_files"]]
+    config["alerting"]["alertmanagers"] = (
+        [{"static_configs": [{"targets": [alertmanager]}]}] if alertmanager else []
+    )
+    for job in config["scrape_configs"]:
+        job.pop("scrape_timeout", None)
+        for sd in job.get("file_sd_configs", []):
+            sd["refresh_interval"] = interval
+    (workdir / "targets").mkdir(parents=True, exist_ok=True)
+    (workdir / "targets" / "test.json").write_text(json.dumps(target_groups))
+    path = workdir / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def write_alertmanager_config(workdir: Path, ntfy_url: str, token: str) -> Path:
+    """The shipped alertmanager.yml posting to `ntfy_url`, with no grouping delay and the token file beside it."""
+    config = yaml.safe_load((PROMETHEUS_DIR / "alertmanager.yml").read_text())
+    routes = [config["route"], *config["route"].get("routes", [])]
+    for route in routes:
+        if "group_wait" in route or route is config["route"]:
+            route["group_wait"] = "0s"
+        route["group_interval"] = "1s"
+    for receiver in config["receivers"]:
+        for hook in receiver.get("webhook_configs", []):
+            assert hook["url"].startswith("https://ntfy.sh/"), hook["url"]
+            hook["url"] = ntfy_url + hook["url"][len("https://ntfy.sh"):]
+    workdir.mkdir(parents=True, exist_ok=True)
+    # credentials_file stays relative, as shipped: it must resolve against the config's folder.
+    (workdir / "ntfy-token").write_text(token + "\n")
+    path = workdir / "alertmanager.yml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
