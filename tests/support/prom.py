@@ -296,6 +296,10 @@ class Prometheus(_Service):
             return result if match(result) and result else None
         return wait_for(check, timeout, f"query {expr!r}")
 
+    def label_values(self, label: str, match: str) -> list[str]:
+        """What Grafana's label_values(match, label) lists."""
+        return list(self._api(f"/api/v1/label/{label}/values", {"match[]": match}))
+
     def targets(self) -> list[dict[str, Any]]:
         return list(self._api("/api/v1/targets", {"state": "active"})["activeTargets"])
 
