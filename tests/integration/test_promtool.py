@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,9 @@ import pytest
 import yaml
 
 from exporter_watchdog import targets
+from tests.conftest_slurm import slurm_cluster, slurm_cluster_module  # noqa: F401  (fixtures)
 from tests.support.prom import PROMETHEUS_DIR, REPO, require_binaries, run_tool
+from tests.support.slurm_cluster import SlurmCluster
 
 pytestmark = pytest.mark.prometheus
 
@@ -46,6 +50,27 @@ def test_promtool_check_config_with_the_rules_and_a_generated_targets_file(tmp_p
     proc = run_tool([tools["promtool"], "check", "config", str(work / "prometheus.yml")])
     _ok(proc)
     assert f"{len(RULE_FILES)} rule files found" in proc.stdout
+
+
+@pytest.mark.slurm
+def test_targets_written_from_a_real_sinfo_pass_promtool(
+    slurm_cluster: SlurmCluster, tmp_path: Path,  # noqa: F811 (the fixture)
+) -> None:
+    tools = require_binaries("promtool")
+    work = tmp_path / "prometheus"
+    shutil.copytree(PROMETHEUS_DIR, work)
+    out = work / "targets" / "exporter-watchdog.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "exporter_watchdog.cli", "targets", "-o", str(out), "--server-port", "8001"],
+        env=slurm_cluster.env, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    groups = json.loads(out.read_text())
+    assert {g["labels"]["node"] for g in groups} == set(slurm_cluster.nodes)
+    assert sorted(g["targets"][0] for g in groups) == sorted(
+        f"{node}:{port}" for node in slurm_cluster.nodes for port in (8001, 9400)
+    )
+    _ok(run_tool([tools["promtool"], "check", "config", str(work / "prometheus.yml")]))
 
 
 def test_promtool_check_rules() -> None:
