@@ -210,3 +210,30 @@ def test_variables_list_the_demo_node_and_its_gpus(demo_stack: DemoStack) -> Non
     assert prometheus.label_values("node", "exporter_watchdog_build_info") == ["127.0.0.1"]
     gpus = prometheus.label_values("gpu", 'DCGM_FI_DEV_GPU_UTIL{node=~".*"}')
     assert sorted(gpus, key=int) == ["0", "1", "2", "3"]
+
+
+# Names the rules use that a healthy demo node does not export, and why.
+ABSENT_IN_DEMO = {
+    "cloudflared_tunnel_ha_connections": "the demo runs no tunnel",
+    "exporter_watchdog_gpu_xid_errors_total": "a series appears with a GPU's first XID",
+    "exporter_watchdog_loop_heartbeat_age_seconds": "the loop's heartbeat age, not exported by the daemon yet",
+}
+OUR_NAMES = re.compile(r"(?:exporter_watchdog_|DCGM_FI_DEV_|vllm:|cloudflared_|node:|:)[A-Za-z0-9_:]*")
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric and recording-rule names an expression reads (label values and matchers left out)."""
+    bare = re.sub(r'"[^"]*"', '""', expr)
+    bare = re.sub(r"\{[^}]*\}", "", bare)
+    return {m for m in OUR_NAMES.findall(bare) if m not in (":", "node:")}
+
+
+def test_every_name_the_rules_and_dashboard_read_is_in_the_demo(demo_stack: DemoStack) -> None:
+    rule_files = sorted((REPO / "prometheus" / "rules").glob("*.yml"))
+    exprs = [r["expr"] for path in rule_files for g in yaml.safe_load(path.read_text())["groups"] for r in g["rules"]]
+    exprs += [q.expr for q in queries()]
+    used = set().union(*(metric_names(e) for e in exprs))
+    assert "DCGM_FI_DEV_FB_USED" in used and "vllm:generation_tokens_total" in used
+    stored = set(demo_stack.prometheus.label_values("__name__", '{__name__=~".+"}'))
+    missing = used - stored - set(ABSENT_IN_DEMO)
+    assert missing == set(), f"read by rules or panels but not exported by the demo: {sorted(missing)}"
