@@ -17,7 +17,15 @@ import yaml
 
 from exporter_watchdog import targets
 from tests.support.daemon import DaemonProc
-from tests.support.prom import REPO, Prometheus, require_binaries, run_tool, wait_for, write_prometheus_config
+from tests.support.prom import (
+    REPO,
+    Prometheus,
+    free_port,
+    require_binaries,
+    run_tool,
+    wait_for,
+    write_prometheus_config,
+)
 
 pytestmark = pytest.mark.prometheus
 
@@ -153,6 +161,9 @@ def demo_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoStack]:
     try:
         daemon.start(timeout=START_TIMEOUT)
         groups = targets.build_targets(["127.0.0.1"], daemon_port=daemon.metrics_port, server_port=daemon.server_port)
+        # Written by hand: one without a node label, one for a job that no scrape config keeps.
+        groups += [{"targets": [f"localhost:{free_port()}"], "labels": {"job": "exporter-watchdog"}},
+                   {"targets": [f"127.0.0.1:{free_port()}"], "labels": {"job": "unknown", "node": "n9"}}]
         config = write_prometheus_config(tmp / "prometheus", groups)
         prometheus = Prometheus(tools["prometheus"], config, tmp / "prometheus")
         started = time.time()
@@ -203,6 +214,11 @@ def test_every_query_returns_data_after_requests_and_a_yield(demo_stack: DemoSta
         lines = [f"  {q.panel} [{q.ref}]: {q.expr}" for q in pending]
         pytest.fail("panels without data:\n" + "\n".join(lines), pytrace=False)
     assert pending == []
+
+
+def test_targets_are_kept_by_their_job_and_labelled_with_their_node(demo_stack: DemoStack) -> None:
+    active = {(t["labels"]["job"], t["labels"]["node"]) for t in demo_stack.prometheus.targets()}
+    assert active == {("exporter-watchdog", "127.0.0.1"), ("vllm", "127.0.0.1"), ("exporter-watchdog", "localhost")}
 
 
 def test_variables_list_the_demo_node_and_its_gpus(demo_stack: DemoStack) -> None:
