@@ -25,14 +25,13 @@ from exporter_watchdog.demo.node import DemoNode  # noqa: E402
 from tests.support.daemon import DaemonProc  # noqa: E402
 
 
-def wait_exit(pid: int, timeout: float) -> float:
-    """Block until `pid` exits; return the monotonic time it did."""
-    fd = os.pidfd_open(pid)
+def wait_exit(fd: int, timeout: float) -> float:
+    """Block until the process behind pidfd `fd` exits; return the monotonic time it did."""
     try:
         poller = select.poll()
         poller.register(fd, select.POLLIN)
         if not poller.poll(timeout * 1000):
-            raise TimeoutError(f"server {pid} still running after {timeout} s")
+            raise TimeoutError(f"server still running after {timeout} s")
         return time.monotonic()
     finally:
         os.close(fd)
@@ -59,9 +58,13 @@ def run_mode(mode: str, jobs: int) -> list[float]:
                 doc = daemon.wait_state("serving", 120)
                 pid = doc["server_pid"]
                 gpu = doc["claimed_gpus"][i % len(doc["claimed_gpus"])]  # always one we hold
+                try:
+                    fd = os.pidfd_open(pid)
+                except ProcessLookupError:
+                    raise SystemExit(f"server {pid} exited before job {i}:\n{daemon.log()[-3000:]}") from None
                 t0 = time.monotonic()
                 job = node.submit(gpus=[gpu], seconds=None)
-                gone = wait_exit(pid, 60)
+                gone = wait_exit(fd, 60)
                 latencies.append(gone - t0)
                 node.cancel(job.job_id)
                 print(f"\r{mode}: {i + 1}/{jobs} jobs, last {latencies[-1] * 1000:.1f} ms", end="", file=sys.stderr)
