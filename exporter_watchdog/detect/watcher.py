@@ -60,6 +60,7 @@ class CgroupWatcher:
         poll_interval: float = 0.25,
         clock: Callable[[], float] = time.monotonic,
         replan_interval: float = 5.0,
+        max_remembered: int = 10_000,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"detection mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -74,6 +75,9 @@ class CgroupWatcher:
         self._poll_interval = poll_interval
         self._replan_interval = replan_interval
         self._clock = clock
+        # first_seen entries are dropped by forget(); jobs that came and went between two daemon
+        # scans never are, so past this many entries those whose directory is gone are dropped.
+        self._max_remembered = max_remembered
         self._lock = threading.Lock()  # guards _first_seen between the event thread and callers
         self._first_seen: dict[str, float] = {}
         self._stop = threading.Event()
@@ -177,8 +181,10 @@ class CgroupWatcher:
                 if not first:
                     # Jobs made under a new directory before its watch existed send no event, and
                     # the kernel may drop events: whatever this scan finds first is recorded now.
-                    if self._record_new(scan_jobs(self._root, self._node)):
+                    present = frozenset(scan_jobs(self._root, self._node))
+                    if self._record_new(present):
                         self._safe_wake()
+                    self._prune(present)
             except OSError as exc:
                 self._watch_error = exc
             except Exception:  # keep planning: the next round may succeed
@@ -286,6 +292,7 @@ class CgroupWatcher:
                 if current != known:
                     self._record(current, self._clock())
                     known = current
+                    self._prune(current)
                     self._safe_wake()
             except Exception:  # keep polling: a dead poller would never wake the daemon again
                 logger.exception("error polling {}", self._root)
@@ -309,6 +316,12 @@ class CgroupWatcher:
             for job_id in ids:
                 self._first_seen.setdefault(job_id, at)
         return ids
+
+    def _prune(self, present: frozenset[str]) -> None:
+        """Bound first_seen: when it is large, drop jobs whose directory is gone."""
+        with self._lock:
+            if len(self._first_seen) > self._max_remembered:
+                self._first_seen = {k: v for k, v in self._first_seen.items() if k in present}
 
     def _safe_wake(self) -> None:
         try:

@@ -89,7 +89,9 @@ def test_job_creation_and_deletion_wake(
         check_job_comes_and_goes(tmp_path / parent, job_name(name, n), watcher, wake)
 
 
-def check_job_comes_and_goes(parent: Path, name: str, watcher: CgroupWatcher, wake: WakeCounter) -> None:
+def check_job_comes_and_goes(
+    parent: Path, name: str, watcher: CgroupWatcher, wake: WakeCounter, forget: bool = True
+) -> None:
     """Create a job: first_seen and a wake; remove it: another wake; first_seen stays until forget()."""
     jid = job_id(name)
     before, woken = time.monotonic(), wake.count
@@ -100,9 +102,10 @@ def check_job_comes_and_goes(parent: Path, name: str, watcher: CgroupWatcher, wa
     woken_after_create = wake.count
     remove_job(job)
     wait_until(lambda: wake.count > woken_after_create, f"wake for the removal of {name}")
-    assert watcher.first_seen(jid) == seen
-    watcher.forget([jid])
-    assert watcher.first_seen(jid) is None
+    if forget:
+        assert watcher.first_seen(jid) == seen
+        watcher.forget([jid])
+        assert watcher.first_seen(jid) is None
 
 
 # (name, what exists at start, the job parent created later in one go)
@@ -228,6 +231,17 @@ def test_a_failing_wake_does_not_stop_the_watcher(
     make_job(parent, "job_2")
     wait_until(lambda: watcher.first_seen("2"), "a job after the failing wake")
     wait_until(lambda: calls.count >= 2, "the second wake")
+
+
+def test_first_seen_of_jobs_long_gone_is_bounded(tmp_path: Path, watchers: Callable[..., CgroupWatcher]) -> None:
+    parent = tmp_path / "freezer" / f"slurm_{NODE}" / "uid_0"
+    parent.mkdir(parents=True)
+    wake = WakeCounter()
+    watcher = watchers(tmp_path, wake, mode="poll", poll_interval=0.02, max_remembered=3)
+    for n in range(10):  # jobs that come and go without the daemon ever forgetting them
+        check_job_comes_and_goes(parent, f"job_{n}", watcher, wake, forget=False)
+    remembered = [n for n in range(10) if watcher.first_seen(str(n)) is not None]
+    assert len(remembered) <= 3 and 9 in remembered
 
 
 def test_bad_arguments_and_double_start(tmp_path: Path) -> None:
