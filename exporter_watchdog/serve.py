@@ -24,7 +24,8 @@ from exporter_watchdog.detect.cgroups import scan_jobs
 from exporter_watchdog.detect.runner import CommandRunner, run_command
 from exporter_watchdog.detect.scontrol import SlurmClient
 from exporter_watchdog.detect.watcher import CgroupWatcher
-from exporter_watchdog.metrics.daemon import DaemonMetrics, SnapshotCollector
+from exporter_watchdog.metrics.daemon import DaemonMetrics, SnapshotCollector, snapshot_owners
+from exporter_watchdog.metrics.exposition import Guarded
 from exporter_watchdog.metrics.gpu import GpuCollector, XidWatcher
 from exporter_watchdog.metrics.http import MetricsServer
 from exporter_watchdog.metrics.nvml import GpuBackend, GpuUnavailable, NvmlBackend
@@ -67,6 +68,23 @@ def load_serve_config(path: Path | None, *, demo: bool, listen: str | None, expo
 
 
 @dataclass
+class LateDaemon:
+    """Lets pieces built before the daemon (the simulated GPUs) read its snapshot once it exists."""
+
+    daemon: Daemon | None = None
+
+    def server_on(self, gpu: int) -> list[tuple[int, int]]:
+        """The demo server's process on the GPUs it claimed, as NVML would list it (20 GiB each)."""
+        if self.daemon is None:
+            return []
+        snap = self.daemon.snapshot()
+        if snap.server_pid and gpu in snap.claimed_gpus:
+            return [(snap.server_pid, 20 << 30)]
+        return []
+
+
+
+@dataclass
 class Node:
     """The node-specific pieces: real Slurm and NVML, or the demo's stand-ins."""
 
@@ -85,6 +103,8 @@ def real_node(config: Config) -> Node:
         logger.warning("no GPU metrics: {}", exc)
     count = backend.device_count() if backend is not None else None
     if count is None or count == 0:
+        if config.node.gpus is None and config.exporter_only:
+            return Node(gpus=0, cgroup_root=config.slurm.cgroup_root, runner=run_command, backend=backend)
         if config.node.gpus is None:
             raise ConfigError(config.source, "node.gpus", None,
                               "NVML sees no GPU here; set node.gpus to the node's GPU count")
@@ -94,7 +114,7 @@ def real_node(config: Config) -> Node:
     return Node(gpus=count, cgroup_root=config.slurm.cgroup_root, runner=run_command, backend=backend)
 
 
-def demo_node(config: Config) -> Node:
+def demo_node(config: Config, late: LateDaemon) -> Node:
     from exporter_watchdog.demo.gpus import SimulatedGpus, StubLoad
     from exporter_watchdog.demo.node import DemoNode, DemoReaper
 
@@ -105,7 +125,7 @@ def demo_node(config: Config) -> Node:
     reaper = DemoReaper(node)
     reaper.start()
     load = StubLoad(f"http://127.0.0.1:{config.server.port}/metrics")
-    backend = SimulatedGpus(gpus, load=load)
+    backend = SimulatedGpus(gpus, load=load, processes=late.server_on)
     logger.info("demo node {} with {} simulated GPUs; job cgroups under {}", config.node.name, gpus, node.cgroup_root)
     return Node(gpus=gpus, cgroup_root=node.cgroup_root, runner=node.scontrol, backend=backend,
                 closers=[reaper.stop, node.clear])
@@ -135,12 +155,13 @@ def serve(config_path: Path | None, *, demo: bool, listen: str | None, exporter_
     config = load_serve_config(config_path, demo=demo, listen=listen, exporter_only=exporter_only)
     configure_logging(config.log_level)
     ensure_state_dir(config.state_dir)
-    node = demo_node(config) if demo else real_node(config)
+    late = LateDaemon()
+    node = demo_node(config, late) if demo else real_node(config)
     try:
         if demo:
             config = replace(config, slurm=replace(config.slurm, cgroup_root=node.cgroup_root))
         check_profile_or_fail(config, node.gpus)
-        return _run(config, config_path, node, demo=demo, listen=listen, exporter_only=exporter_only)
+        return _run(config, config_path, node, late, demo=demo, listen=listen, exporter_only=exporter_only)
     finally:
         for close in reversed(node.closers):
             close()
@@ -148,7 +169,7 @@ def serve(config_path: Path | None, *, demo: bool, listen: str | None, exporter_
             node.backend.close()
 
 
-def _run(config: Config, config_path: Path | None, node: Node, *, demo: bool, listen: str | None,
+def _run(config: Config, config_path: Path | None, node: Node, late: LateDaemon, *, demo: bool, listen: str | None,
          exporter_only: bool) -> int:
     registry = CollectorRegistry()
     metrics = DaemonMetrics(registry)
@@ -156,7 +177,8 @@ def _run(config: Config, config_path: Path | None, node: Node, *, demo: bool, li
         record_path=config.state_dir / "server.json", log_path=config.state_dir / "server.log",
         term_timeout=config.server.stop_timeout_seconds, log_max_bytes=config.server.log_max_bytes,
     )
-    watcher = CgroupWatcher(
+    # Exporter-only: no server, so no Slurm either; GPU owners come from NVML's process list.
+    watcher = None if config.exporter_only else CgroupWatcher(
         config.slurm.cgroup_root, config.node.name, wake=lambda: daemon.wake(), mode=config.slurm.detect,
         poll_interval=config.slurm.poll_interval_seconds,
     )
@@ -168,7 +190,8 @@ def _run(config: Config, config_path: Path | None, node: Node, *, demo: bool, li
             return slurm_job_processes_on(backend, claimed)
     daemon = Daemon(
         config, node_gpus=node.gpus,
-        scan_jobs=lambda: scan_jobs(config.slurm.cgroup_root, config.node.name),
+        scan_jobs=(lambda: {}) if config.exporter_only else (lambda: scan_jobs(config.slurm.cgroup_root,
+                                                                                 config.node.name)),
         slurm=slurm, watcher=watcher, supervisor=supervisor,
         health_factory=lambda wake: HealthProbe(wake, interval=1.0, timeout=2.0),
         metrics=metrics, gpu_job_processes=gpu_jobs,
@@ -178,13 +201,14 @@ def _run(config: Config, config_path: Path | None, node: Node, *, demo: bool, li
         pid = daemon.snapshot().server_pid
         return {p.pid for p in live_members(pid, list_processes())} if pid else set()
 
-    registry.register(SnapshotCollector(daemon.snapshot))
+    registry.register(Guarded(SnapshotCollector(daemon.snapshot), "snapshot"))
+    late.daemon = daemon
     xids: XidWatcher | None = None
     if backend is not None:
         xids = XidWatcher(backend).start()
         registry.register(GpuCollector(
             backend, config.node.name,
-            owners=lambda: {g: o.value for g, o in daemon.snapshot().gpu_owner.items()},
+            owners=None if config.exporter_only else snapshot_owners(daemon.snapshot),
             server_pids=server_pids, cache_seconds=config.metrics.gpu_cache_seconds, xids=xids,
         ))
     stuck_after = max(STUCK_AFTER_MIN, 3 * config.slurm.rescan_seconds + 2 * config.server.stop_timeout_seconds)

@@ -216,3 +216,35 @@ def test_status_without_daemon_exits_3(tmp_path: Path) -> None:
     result = subprocess.run([*EXE, "status", "--config", str(config)], capture_output=True, text=True, timeout=60,
                             env={**os.environ})
     assert result.returncode == 3 and "no daemon is running" in result.stderr
+
+
+def test_exporter_only_never_starts_a_server(tmp_path: Path) -> None:
+    proc = DaemonProc(tmp_path, FAST, args=["--exporter-only"])
+    try:
+        doc = proc.start(wait_state="disabled").status()
+        assert doc is not None
+        assert doc["server_pid"] is None and doc["disabled_reason"] == "exporter-only mode"
+        proc.demo_job("--gpus", "1", "--seconds", "0")  # no Slurm view in this mode: nothing changes
+        text = proc.metrics()
+        for family in ("DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_POWER_USAGE",
+                       "exporter_watchdog_gpu_up", "exporter_watchdog_gpu_owner"):
+            assert f"\n{family}{{" in text, family
+        assert 'exporter_watchdog_state{state="disabled"} 1.0' in text
+        assert not (proc.state_dir / "server.json").exists()
+    finally:
+        proc.stop()
+
+
+def test_demo_gpu_metrics_show_the_server_on_claimed_gpus(daemon: DaemonProc) -> None:
+    daemon.start()
+
+    def owner_lines() -> list[str]:
+        return [line for line in daemon.metrics().splitlines()
+                if line.startswith("exporter_watchdog_gpu_owner{") and line.endswith(" 1.0")]
+
+    lines = wait_until(lambda: [ln for ln in owner_lines() if 'owner="watchdog"' in ln], 10, "owner series")
+    assert sorted(ln.split('gpu="')[1].split('"')[0] for ln in lines) == ["2", "3"]
+    text = daemon.metrics()
+    used = {ln.split('gpu="')[1].split('"')[0]: float(ln.rsplit(" ", 1)[1])
+            for ln in text.splitlines() if ln.startswith("DCGM_FI_DEV_FB_USED{")}
+    assert used["3"] > used["0"], used  # our server's memory shows on the GPUs it holds
