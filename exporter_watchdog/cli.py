@@ -297,12 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_llm_arguments(p)
     p.set_defaults(func=cmd_demo_llm)
 
-    for module in ("exporter_watchdog.prolog", "exporter_watchdog.bench.command", "exporter_watchdog.targets"):
-        try:
-            register = __import__(module, fromlist=["register"]).register
-        except (ImportError, AttributeError):
-            continue
-        register(sub)
+    from exporter_watchdog import prolog, targets
+    from exporter_watchdog.bench import command as bench
+
+    for module in (prolog, bench, targets):
+        module.register(sub)
     return parser
 
 
