@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -156,12 +157,14 @@ def test_a_demo_yield_reaches_ntfy_through_prometheus_and_alertmanager_then_reso
         prometheus.wait_for_query('up{job="vllm", node="127.0.0.1"} == 1', NOTICE_TIMEOUT)
         assert not any(notice("ExporterWatchdogJobOnServerGPUs", "firing")(r) for r in ntfy.requests())
 
+        yield_requested = time.time()
         job = daemon.demo_job("--gpus", "3", "--seconds", "0")
         daemon.wait_status(lambda d: d["last_yield"] is not None and d["last_yield"]["jobs"] == [job],
                            NOTICE_TIMEOUT, "the yield")
 
         fired = ntfy.wait_for(notice("ExporterWatchdogJobOnServerGPUs", "firing", node="127.0.0.1"),
                               NOTICE_TIMEOUT, "the informational notice")
+        assert fired.received_at > yield_requested
         body = assert_ntfy_request(fired, "info", token)
         (alert,) = body["alerts"]
         assert alert["labels"] == {"alertname": "ExporterWatchdogJobOnServerGPUs", "severity": "info",

@@ -95,6 +95,7 @@ class RecordedRequest:
     query: dict[str, list[str]]
     headers: dict[str, str]  # names lower-cased
     body: bytes
+    received_at: float  # wall clock
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -156,6 +157,7 @@ class NtfyStandIn:
                     query=parse_qs(parts.query, keep_blank_values=True),
                     headers={k.lower(): v for k, v in self.headers.items()},
                     body=body,
+                    received_at=time.time(),
                 ))
                 answer = json.dumps({"id": "standin", "event": "message", "topic": parts.path.strip("/")}).encode()
                 self.send_response(200)
