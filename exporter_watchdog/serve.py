@@ -180,7 +180,7 @@ def _run(config: Config, config_path: Path | None, node: Node, late: LateDaemon,
     # Exporter-only: no server, so no Slurm either; GPU owners come from NVML's process list.
     watcher = None if config.exporter_only else CgroupWatcher(
         config.slurm.cgroup_root, config.node.name, wake=lambda: daemon.wake(), mode=config.slurm.detect,
-        poll_interval=config.slurm.poll_interval_seconds,
+        poll_interval=config.slurm.poll_interval_seconds, replan_interval=config.slurm.rescan_seconds,
     )
     slurm = SlurmClient(config.slurm.scontrol, config.node.name, node.runner, timeout=config.slurm.timeout_seconds)
     backend = node.backend
