@@ -30,7 +30,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from exporter_watchdog.bench.dataset import random_prompts  # noqa: E402
+from exporter_watchdog.bench.dataset import Prompt, random_prompts  # noqa: E402
 from exporter_watchdog.bench.runner import LoadSpec, chat_payload, make_client, run_load  # noqa: E402
 
 
@@ -89,9 +89,9 @@ async def raw_loop(spec: LoadSpec, body: bytes, n: int, concurrency: int, per_wo
     return done / elapsed
 
 
-async def bench_loop(spec: LoadSpec, n: int, input_len: int, output_len: int) -> float:
+async def bench_loop(spec: LoadSpec, prompts: list[Prompt]) -> float:
     """Requests/s the bench runner achieves, with all its per-token bookkeeping."""
-    outcome = await run_load(spec, random_prompts(n, input_len, output_len, seed=1))
+    outcome = await run_load(spec, prompts)
     ok = sum(r.success for r in outcome.results)
     return ok / outcome.duration
 
@@ -111,6 +111,8 @@ def main() -> int:
         spec = LoadSpec(base_url=f"http://127.0.0.1:{port}", model="demo", max_concurrency=a.concurrency)
         prompt = random_prompts(1, a.input_len, a.output_len, seed=1)[0]
         body = json.dumps(chat_payload(spec, prompt)).encode()
+        # Both clients get their requests ready-made: the raw loop one body, the runner its prompts.
+        prompts = random_prompts(a.requests, a.input_len, a.output_len, seed=1)
         asyncio.run(raw_loop(spec, body, min(200, a.requests), a.concurrency, True))  # warm both processes up
         runs: dict[str, list[tuple[float, float]]] = {"shared": [], "per_worker": [], "bench": []}
 
@@ -124,7 +126,7 @@ def main() -> int:
         for i in range(a.rounds):
             s = timed("shared", raw_loop(spec, body, a.requests, a.concurrency, False))
             p = timed("per_worker", raw_loop(spec, body, a.requests, a.concurrency, True))
-            b = timed("bench", bench_loop(spec, a.requests, a.input_len, a.output_len))
+            b = timed("bench", bench_loop(spec, prompts))
             print(f"round {i + 1}: raw httpx shared pool {s:7.1f}   raw httpx client per worker {p:7.1f}   "
                   f"bench runner {b:7.1f} req/s")
         print(f"stub: ttft 0 ms, itl {a.itl_ms:g} ms, {a.output_len} tokens; concurrency {a.concurrency}, "
