@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import math
 import os
 import random
 import signal
@@ -512,21 +513,36 @@ class StubServer:
         self.stop()
 
 
+def _checked(kind: Callable[[str], float], ok: Callable[[float], bool], expected: str) -> Callable[[str], Any]:
+    """An argparse type that rejects out-of-range values at parse time (exit 2, naming the option)."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"invalid value {text!r} (expected {expected})")
+        return value
+    return parse
+
+
 def add_llm_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the stub's options to a parser."""
     d = StubConfig()
+    non_negative = _checked(float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0")
     parser.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host})")
-    parser.add_argument("--port", type=int, default=d.port,
+    parser.add_argument("--port", type=_checked(int, lambda v: 0 <= v <= 65535, "0 to 65535"), default=d.port,
                         help=f"port, 0 picks a free one (default {d.port})")
     parser.add_argument("--model", default=d.model, help=f"served model name (default {d.model})")
-    parser.add_argument("--ttft-ms", type=float, default=d.ttft_ms,
+    parser.add_argument("--ttft-ms", type=non_negative, default=d.ttft_ms,
                         help=f"time to first token in ms (default {d.ttft_ms:g})")
-    parser.add_argument("--itl-ms", type=float, default=d.itl_ms,
+    parser.add_argument("--itl-ms", type=non_negative, default=d.itl_ms,
                         help=f"delay between tokens in ms (default {d.itl_ms:g})")
-    parser.add_argument("--max-tokens", type=int, default=d.max_tokens,
-                        help=f"output length cap and default (default {d.max_tokens})")
+    parser.add_argument("--max-tokens", type=_checked(int, lambda v: v >= 0, "an integer >= 0"),
+                        default=d.max_tokens, help=f"output length cap and default (default {d.max_tokens})")
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
-    parser.add_argument("--error-rate", type=float, default=d.error_rate,
+    parser.add_argument("--error-rate", type=_checked(float, lambda v: 0 <= v <= 1, "a number from 0 to 1"),
+                        default=d.error_rate,
                         help="fraction of generation requests answered with HTTP 500 (default 0)")
     parser.add_argument("--seed", type=int, default=d.seed, help="seed for generated text and errors")
 
