@@ -342,6 +342,7 @@ def test_cli_bad_usage_exits_2(stub_factory: Callable[..., StubServer], tmp_path
         (["nonsense"], "invalid choice"),
         (["--dataset", str(tmp_path / "missing.jsonl")], "missing.jsonl"),
         (["--model", "other"], None),
+        (["--tunnel"], "not allowed with argument"),
     ):
         proc = run_cli([*argv, "--url", stub.url, "--status-url", ""])
         if needle is None:
@@ -350,6 +351,8 @@ def test_cli_bad_usage_exits_2(stub_factory: Callable[..., StubServer], tmp_path
         else:
             assert proc.returncode == 2, (argv, proc.stderr)
             assert needle in proc.stderr
+    proc = run_cli(["--tunnel", "--status-url", ""])
+    assert proc.returncode == 2 and "no tunnel hostname is configured" in proc.stderr
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "fine"}\n{"prompt": 3}\n')
     proc = run_cli(["--dataset", str(bad), "--url", stub.url, "--status-url", ""])
