@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
+from tests.support.netns import SlurmMultiNode
 from tests.support.slurm_cluster import (
     SlurmCluster,
-    SlurmMultiNode,
     SlurmUnavailable,
     ensure_slurm,
     in_ci,

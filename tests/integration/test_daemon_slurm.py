@@ -17,7 +17,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.daemon import EXE, DaemonProc, group_alive, pid_alive
-from tests.support.slurm_cluster import CGROUP_ROOT, SlurmCluster, SlurmMultiNode, wait_for
+from tests.support.netns import SlurmMultiNode
+from tests.support.slurm_cluster import CGROUP_ROOT, SlurmCluster, wait_for
 
 pytestmark = pytest.mark.slurm
 
@@ -250,11 +251,13 @@ def test_fail_safe_yield_while_slurmctld_is_down_and_recovery(
     assert first is not None
 
     job = cluster.sbatch(1)  # Slurm gives it a low GPU, not one of ours
-    wait_for(lambda: (gate / f"started-{job}").exists(), 60, "the job's Prolog to start")
-    gpus = held(cluster, job)
-    assert not gpus & set(first["claimed_gpus"])
-    cluster.stop_slurmctld()
-    (gate / "open").touch()
+    try:
+        wait_for(lambda: (gate / f"started-{job}").exists(), 60, "the job's Prolog to start")
+        gpus = held(cluster, job)
+        assert not gpus & set(first["claimed_gpus"])
+        cluster.stop_slurmctld()
+    finally:
+        (gate / "open").touch()  # never leave a job (and the teardown) hanging in the Prolog
     cluster.wait_job_cgroup(job)
 
     # Slurm cannot say which GPUs the new job holds: after the Slurm timeout the server goes.

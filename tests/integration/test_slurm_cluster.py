@@ -13,10 +13,10 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers.inotify import InotifyObserver
 
 from tests.conftest_slurm import require_slurm
+from tests.support.netns import SlurmMultiNode
 from tests.support.slurm_cluster import (
     CGROUP_ROOT,
     SlurmCluster,
-    SlurmMultiNode,
     SlurmUnavailable,
     cgroup_pids,
     wait_for,
@@ -146,6 +146,16 @@ def test_job_can_open_only_its_own_fake_gpus(slurm_cluster: SlurmCluster) -> Non
     assert len(own) == 1
     assert {int(i) for i, what in lines.items() if what != "EPERM"} == own
     assert {what for i, what in lines.items() if int(i) in own} <= {"ENXIO", "ENODEV", "open"}
+
+
+@pytest.mark.slurm
+def test_warm_up_runs_a_job_to_its_end_and_leaves_nothing(slurm_cluster: SlurmCluster) -> None:
+    before = slurm_cluster.run(["squeue", "-h", "-t", "all", "-o", "%i"]).stdout.split()
+    slurm_cluster.warm_up()
+    assert slurm_cluster.queue() == []
+    assert slurm_cluster.job_cgroup_dirs() == []
+    ran = [j for j in slurm_cluster.run(["squeue", "-h", "-t", "all", "-o", "%i"]).stdout.split() if j not in before]
+    assert [slurm_cluster.job_state(j) for j in ran] == ["COMPLETED"]
 
 
 @pytest.mark.slurm

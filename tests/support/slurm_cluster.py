@@ -1,4 +1,4 @@
-"""Real Slurm 22.05 test clusters: one node with fake GPUs, or a head and workers in namespaces."""
+"""Real Slurm 22.05 test clusters: one node with fake GPUs on loopback (several hosts: netns.py)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,6 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from loguru import logger
-
-from tests.support.netns import NamespaceNet
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
@@ -48,7 +46,7 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").lower() == "true"
 
 
-def _which(program: str) -> str | None:
+def which_program(program: str) -> str | None:
     return shutil.which(program, path=f"{os.environ.get('PATH', '')}:{SBIN_PATH}")
 
 
@@ -56,15 +54,15 @@ def ensure_slurm(install: bool = True) -> None:
     """Install the Slurm and munge packages when missing and root; raise SlurmUnavailable if not."""
     if os.geteuid() != 0:
         raise SlurmUnavailable("the test cluster needs root (mknod, job cgroups, SlurmUser=root)")
-    missing = [p for p in PROGRAMS if _which(p) is None]
-    if missing and install and _which("apt-get"):
+    missing = [p for p in PROGRAMS if which_program(p) is None]
+    if missing and install and which_program("apt-get"):
         logger.info("installing {} (missing: {})", " ".join(PACKAGES), missing)
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         for argv in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES]):
             proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
             if proc.returncode != 0:
                 logger.warning("{} failed: {}", " ".join(argv), proc.stderr.strip()[-2000:])
-        missing = [p for p in PROGRAMS if _which(p) is None]
+        missing = [p for p in PROGRAMS if which_program(p) is None]
     if missing:
         raise SlurmUnavailable(f"missing programs {missing}; install: apt-get install {' '.join(PACKAGES)}")
 
@@ -187,7 +185,7 @@ def remove_node_cgroups(node: str, timeout: float = STOP_TIMEOUT) -> list[Path]:
     return left
 
 
-class _Cluster:
+class ClusterBase:
     """What both cluster shapes share: munge, client commands, jobs, job cgroups, teardown."""
 
     workdir: Path
@@ -248,12 +246,12 @@ class _Cluster:
         key = self.munge_dir / "munge.key"
         if not key.exists():
             subprocess.run(
-                [_which("mungekey") or "mungekey", "--create", f"--keyfile={key}"],
+                [which_program("mungekey") or "mungekey", "--create", f"--keyfile={key}"],
                 check=True, capture_output=True, timeout=30,
             )
         self.munge_socket.unlink(missing_ok=True)
         argv = [
-            _which("munged") or "munged", "--foreground", f"--socket={self.munge_socket}",
+            which_program("munged") or "munged", "--foreground", f"--socket={self.munge_socket}",
             f"--key-file={key}", f"--pid-file={self.munge_dir / 'munged.pid'}",
             f"--seed-file={self.munge_dir / 'seed'}", f"--log-file={self.workdir / 'log' / 'munged.log'}",
         ]
@@ -350,6 +348,19 @@ class _Cluster:
             self.run(["scancel", *jobs], check=False)
         self.wait_queue_empty(timeout)
 
+    def warm_up(self, timeout: float = JOB_TIMEOUT) -> float:
+        """Run one trivial CPU-only job to its end and wait for its cgroup to go; the seconds it took.
+
+        slurmctld starts no job in its first ~3 s, so the first job of a fresh cluster starts late;
+        a measurement that must not see that delay calls this first.
+        """
+        t0 = time.monotonic()
+        job = self.sbatch(None, command="true")
+        self.wait_job_done(job, timeout)
+        self.wait_queue_empty(timeout)
+        wait_for(lambda: not self.job_cgroup_dirs(), timeout, "the warm-up job's cgroup to go")
+        return time.monotonic() - t0
+
     # -- job cgroups --------------------------------------------------------------------------
     def job_cgroup_dirs(self, node: str | None = None, controller: str = "freezer") -> list[Path]:
         """Job directories (…/slurm_<node>/uid_U/job_N) that exist now, of one node or all."""
@@ -415,11 +426,11 @@ class _Cluster:
         return "\n".join(parts)
 
 
-def _gres_spec(gpu_type: str | None, count: int) -> str:
+def gres_spec(gpu_type: str | None, count: int) -> str:
     return f"gpu:{gpu_type}:{count}" if gpu_type else f"gpu:{count}"
 
 
-def _device_files(devdir: Path, count: int) -> str:
+def make_fake_gpus(devdir: Path, count: int) -> str:
     """Make `count` fake GPUs as character devices (plain files are refused); the gres.conf File=."""
     devdir.mkdir(parents=True, exist_ok=True)
     for i in range(count):
@@ -454,7 +465,7 @@ GresTypes=gpu
 CGROUP_CONF = "CgroupPlugin=autodetect\nConstrainCores=yes\nConstrainDevices=yes\nConstrainRAMSpace=no\n"
 
 
-class SlurmCluster(_Cluster):
+class SlurmCluster(ClusterBase):
     """One node with fake GPUs: munged, slurmctld and slurmd on loopback, on free ports."""
 
     def __init__(
@@ -481,7 +492,7 @@ class SlurmCluster(_Cluster):
     @property
     def gres(self) -> str:
         """The node's Gres= value, e.g. gpu:a30:4 or gpu:4."""
-        return _gres_spec(self.gpu_type, self.gpus)
+        return gres_spec(self.gpu_type, self.gpus)
 
     @property
     def state_file(self) -> Path:
@@ -521,7 +532,7 @@ class SlurmCluster(_Cluster):
         if self.gpus > 0:
             node_line += f" Gres={self.gres}"
             typed = f" Type={self.gpu_type}" if self.gpu_type else ""
-            files = _device_files(w / "dev", self.gpus)
+            files = make_fake_gpus(w / "dev", self.gpus)
             gres_lines.append(f"NodeName={self.node} Name=gpu{typed} File={files}")
         lines += [node_line, "PartitionName=main Nodes=ALL Default=YES MaxTime=INFINITE State=UP"]
         self.conf.write_text("\n".join(lines) + "\n")
@@ -545,7 +556,7 @@ class SlurmCluster(_Cluster):
             self._start_munge()
             self.start_slurmctld()
             self.daemons["slurmd"] = spawn(
-                "slurmd", [_which("slurmd") or "slurmd", "-D", "-N", self.node, "-f", str(self.conf)],
+                "slurmd", [which_program("slurmd") or "slurmd", "-D", "-N", self.node, "-f", str(self.conf)],
                 self.workdir / "log" / "slurmd.out", self.env,
             )
             self._save()
@@ -578,7 +589,7 @@ class SlurmCluster(_Cluster):
         if daemon is not None and daemon.alive():
             return
         self.daemons["slurmctld"] = spawn(
-            "slurmctld", [_which("slurmctld") or "slurmctld", "-D", "-i", "-f", str(self.conf)],
+            "slurmctld", [which_program("slurmctld") or "slurmctld", "-D", "-i", "-f", str(self.conf)],
             self.workdir / "log" / "slurmctld.out", self.env,
         )
         self._save()
@@ -630,173 +641,6 @@ class SlurmCluster(_Cluster):
         return cluster
 
     def __enter__(self) -> SlurmCluster:
-        return self.start()
-
-    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
-        self.stop()
-
-
-class SlurmMultiNode(_Cluster):
-    """A head (slurmctld) and workers (configless, dynamically registered slurmd) in namespaces."""
-
-    CTLD_PORT = 6817  # fixed: every daemon lives in namespaces of its own, so nothing can clash
-    SLURMD_PORT = 6818
-
-    def __init__(
-        self,
-        workdir: Path,
-        workers: int = 2,
-        gpus_per_worker: int = 2,
-        gpu_type: str | None = None,
-        cpus_per_worker: int = 2,
-        prefix: str | None = None,
-    ) -> None:
-        super().__init__(workdir)
-        self.prefix = prefix or unique_name("wm")
-        self.head = f"{self.prefix}-head"
-        self.workers = [f"{self.prefix}-w{i}" for i in range(1, workers + 1)]
-        self.nodes = list(self.workers)
-        self.gpus_per_worker = gpus_per_worker
-        self.gpu_type = gpu_type
-        self.cpus_per_worker = cpus_per_worker
-        self.net = NamespaceNet(self.prefix, self.head, self.workers, self.workdir / "hosts")
-        self._spawned: list[subprocess.Popen[bytes]] = []
-
-    def client_argv(self, argv: Sequence[str]) -> list[str]:
-        """Clients run in the head's network namespace, where the controller's address is."""
-        return self.net.enter(self.head, argv)
-
-    def worker_env(self, worker: str) -> dict[str, str]:
-        """Environment for commands on a worker: clients read the config its slurmd fetched."""
-        env = self.env
-        env["SLURM_CONF"] = str(self.workdir / "spool" / worker / "conf-cache" / "slurm.conf")
-        return env
-
-    def write_config(self) -> None:
-        """Write the head's slurm.conf (configless, dynamic nodes), gres.conf and cgroup.conf."""
-        self._dirs()
-        w = self.workdir
-        gres_lines = ["AutoDetect=off"]
-        for worker in self.workers:
-            typed = f" Type={self.gpu_type}" if self.gpu_type else ""
-            files = _device_files(w / "dev" / worker, self.gpus_per_worker)
-            gres_lines.append(f"NodeName={worker} Name=gpu{typed} File={files}")
-        lines = [
-            f"ClusterName={self.prefix}",
-            f"SlurmctldHost={self.head}({self.net.head.address})",
-            f"SlurmctldPort={self.CTLD_PORT}",
-            f"SlurmdPort={self.SLURMD_PORT}",
-            COMMON_CONF.format(sock=self.munge_socket, w=w).rstrip(),
-            f"SlurmdSpoolDir={w}/spool/%n",
-            f"SlurmdPidFile={w}/run/slurmd-%n.pid",
-            f"SlurmdLogFile={w}/log/slurmd-%n.log",
-            "SlurmdParameters=config_overrides",
-            "SlurmctldParameters=enable_configless",
-            "PrologFlags=Contain",
-            "MaxNodeCount=16",
-            "Nodeset=dyn Feature=dyn",
-            "PartitionName=main Nodes=dyn Default=YES MaxTime=INFINITE State=UP",
-        ]
-        self.conf.write_text("\n".join(lines) + "\n")
-        (w / "gres.conf").write_text("\n".join(gres_lines) + "\n")
-        (w / "cgroup.conf").write_text(CGROUP_CONF)
-
-    def start(self) -> SlurmMultiNode:
-        """Namespaces, munged, slurmctld on the head, slurmd -Z on each worker; wait for all idle."""
-        t0 = time.monotonic()
-        ensure_slurm()
-        for node in self.workers:
-            remove_node_cgroups(node)
-        self._dirs()
-        try:
-            self.net.create()
-            self.write_config()
-            self._start_munge()
-            self.daemons["slurmctld"] = spawn(
-                "slurmctld",
-                self.net.wrap(self.head, [_which("slurmctld") or "slurmctld", "-D", "-i", "-f", str(self.conf)]),
-                self.workdir / "log" / "slurmctld.out", self.env,
-            )
-            wait_for(self._ctld_answers, START_TIMEOUT, "slurmctld to answer")
-            worker_env = {k: v for k, v in self.env.items() if k != "SLURM_CONF"}  # configless
-            for worker in self.workers:
-                conf = f"CPUs={self.cpus_per_worker} RealMemory=1000 Feature=dyn"
-                if self.gpus_per_worker > 0:
-                    conf += f" Gres={_gres_spec(self.gpu_type, self.gpus_per_worker)}"
-                # -N as well as the hostname: with it %n in SlurmdSpoolDir is known before the config
-                # is fetched, so each worker caches the config in its own folder.
-                (self.workdir / "spool" / worker).mkdir(exist_ok=True)
-                argv = [_which("slurmd") or "slurmd", "-D", "-Z", "-N", worker,
-                        "--conf-server", f"{self.head}:{self.CTLD_PORT}", "--conf", conf]
-                self.daemons[f"slurmd-{worker}"] = spawn(
-                    "slurmd", self.net.wrap(worker, argv, munge_socket=self.munge_socket),
-                    self.workdir / "log" / f"slurmd-{worker}.out", worker_env,
-                )
-            wait_for(self._all_idle, START_TIMEOUT, f"workers {self.workers} idle", 0.1)
-        except BaseException as exc:
-            tail = self.log_tail()
-            self.stop()
-            if isinstance(exc, (RuntimeError, TimeoutError)):
-                raise RuntimeError(f"multi-node Slurm did not come up: {exc}\n{tail}") from exc
-            raise
-        self.start_seconds = time.monotonic() - t0
-        logger.info("multi-node slurm {} up in {:.2f} s", self.prefix, self.start_seconds)
-        return self
-
-    def _ctld_answers(self) -> bool:
-        self._died("slurmctld", raise_=True)
-        return self.run(["scontrol", "ping"], check=False, timeout=30).returncode == 0
-
-    def node_states(self) -> dict[str, str]:
-        """State of every registered node, e.g. {"wm1a2b3c-w1": "idle"}."""
-        out = self.run(["sinfo", "-h", "-N", "-o", "%N %T"], check=False, timeout=30).stdout
-        return dict(line.split(None, 1) for line in out.splitlines() if line.strip())
-
-    def _all_idle(self) -> bool:
-        for name in self.daemons:
-            self._died(name, raise_=True)
-        states = self.node_states()
-        return all(states.get(w) == "idle" for w in self.workers)
-
-    def run_in(self, worker: str, argv: Sequence[str], timeout: float = 60.0,
-               env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        """Run a command as if on `worker` (its network, hostname, /etc/hosts); wait for it."""
-        return subprocess.run(self.net.wrap(worker, argv), env=env or self.worker_env(worker),
-                              capture_output=True, text=True, timeout=timeout)
-
-    def spawn_in(self, worker: str, argv: Sequence[str], log: Path | None = None,
-                 env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        """Start a process as if on `worker`, in its own process group; stopped by stop()."""
-        out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - handed to the child
-        try:
-            popen = subprocess.Popen(self.net.wrap(worker, argv), env=env or self.worker_env(worker),
-                                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        finally:
-            if log:
-                out.close()  # type: ignore[union-attr]
-        self._spawned.append(popen)
-        return popen
-
-    def stop(self) -> list[str]:
-        """Stop spawned processes, jobs, slurmds, slurmctld, munged; remove cgroups and namespaces."""
-        t0 = time.monotonic()
-        spawned = [Daemon("spawned", p.pid, p, group=True) for p in self._spawned]
-        problems = self._teardown([n for n in self.daemons if n.startswith("slurmd-")], spawned)
-        self.net.destroy()
-        if self.net.leftovers():
-            problems.append(f"namespaces left: {self.net.leftovers()}")
-        self.stop_seconds = time.monotonic() - t0
-        logger.info("multi-node slurm {} down in {:.2f} s", self.prefix, self.stop_seconds)
-        return problems
-
-    def leftovers(self) -> list[str]:
-        """Daemons, cgroup directories and namespaces still present (empty when torn down)."""
-        return super().leftovers() + self.net.leftovers() + [
-            f"pid {p.pid}" for p in self._spawned if p.poll() is None
-        ]
-
-    def __enter__(self) -> SlurmMultiNode:
         return self.start()
 
     def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
