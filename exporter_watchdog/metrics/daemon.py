@@ -87,12 +87,19 @@ class DaemonMetrics:
 class SnapshotCollector(Collector):
     """Gauges derived from the daemon's published snapshot; a scrape only reads."""
 
-    def __init__(self, snapshot: Callable[[], Snapshot], clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, snapshot: Callable[[], Snapshot], clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self._snapshot = snapshot
         self._clock = clock
+        self._monotonic = monotonic
 
     def collect(self) -> Iterable[Metric]:
         snap = self._snapshot()
+        yield GaugeMetricFamily(
+            f"{PREFIX}_loop_heartbeat_age_seconds",
+            "Seconds since the daemon's loop last finished an iteration (it wakes at least every rescan).",
+            value=max(self._monotonic() - snap.loop_heartbeat, 0.0),
+        )
         info = GaugeMetricFamily(f"{PREFIX}_build_info", "Build information.", labels=["version"])
         info.add_metric([__version__], 1)
         yield info
