@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -39,13 +40,16 @@ REQUERY_SECONDS = 1.0
 
 
 class JobQueryLike(Protocol):
-    gpus: frozenset[int] | None
-    duration: float
-    error: str | None
+    @property
+    def gpus(self) -> frozenset[int] | None: ...
+    @property
+    def duration(self) -> float: ...
+    @property
+    def error(self) -> str | None: ...
 
 
 class SlurmLike(Protocol):
-    def query_job(self, job_id: str) -> Any: ...
+    def query_job(self, job_id: str) -> JobQueryLike: ...
 
 
 class WatcherLike(Protocol):
@@ -132,6 +136,7 @@ class Daemon:
         self._pending_profile: Profile | None = None
         self._pending_config: Config | None = None
         self._releases: list[_Release] = []
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="scontrol")
         self._health = health_factory(self.wake)
 
         self.profile: Profile | None = None
@@ -264,9 +269,10 @@ class Daemon:
 
     def _observe(self, now: float) -> Observation:
         dirs = self._scan_jobs()
+        self._query_new_jobs([j for j in dirs if self._needs_query(j, now)], now)
         jobs: list[Job] = []
         for job_id in dirs:
-            gpus = self._job_gpus(job_id, now)
+            gpus = self._known.get(job_id)
             seen = (self._watcher.first_seen(job_id) if self._watcher else None) or now
             jobs.append(Job(job_id=job_id, gpus=gpus, seen_at=seen, source=JobSource.CGROUP))
         gone = [j for j in self._known if j not in dirs]
@@ -324,29 +330,37 @@ class Daemon:
             restart_requested=restart, disabled_reason=self.disabled_reason,
         )
 
-    def _job_gpus(self, job_id: str, now: float) -> frozenset[int] | None:
-        if job_id in self._known and self._known[job_id] is not None:
-            return self._known[job_id]
-        if job_id in self._known and now - self._last_query.get(job_id, 0.0) < REQUERY_SECONDS:
-            return None
-        first = job_id not in self._known
-        if first:
-            self._metrics.job_seen()
-        result = self._slurm.query_job(job_id)
-        self._last_query[job_id] = self._clock()
-        self._metrics.slurm_query(result.duration, result.error is None)
-        self._known[job_id] = result.gpus
-        if first:
-            seen = (self._watcher.first_seen(job_id) if self._watcher else None) or now
-            self._metrics.detected(self._clock() - seen)
-            if result.gpus is None:
-                logger.warning("job {}: Slurm did not say which GPUs it holds ({}); treating it as holding all",
-                               job_id, result.error)
-            else:
-                logger.info("job {} started, GPUs {}", job_id, sorted(result.gpus) or "none")
-        elif result.gpus is not None:
-            logger.info("job {}: Slurm answered now, GPUs {}", job_id, sorted(result.gpus) or "none")
-        return result.gpus
+    def _needs_query(self, job_id: str, now: float) -> bool:
+        if job_id not in self._known:
+            return True
+        # Unknown GPUs: ask again, but not on every wake-up (Slurm may be down).
+        return self._known[job_id] is None and now - self._last_query.get(job_id, 0.0) >= REQUERY_SECONDS
+
+    def _query_new_jobs(self, job_ids: list[str], now: float) -> None:
+        """Ask Slurm about these jobs, in parallel: a slow Slurm costs one timeout, not one per job."""
+        if not job_ids:
+            return
+        if len(job_ids) == 1:
+            results = [self._slurm.query_job(job_ids[0])]
+        else:
+            results = list(self._pool.map(self._slurm.query_job, job_ids))
+        answered = self._clock()
+        for job_id, result in zip(job_ids, results, strict=True):
+            first = job_id not in self._known
+            self._last_query[job_id] = answered
+            self._metrics.slurm_query(result.duration, result.error is None)
+            self._known[job_id] = result.gpus
+            if first:
+                self._metrics.job_seen()
+                seen = (self._watcher.first_seen(job_id) if self._watcher else None) or now
+                self._metrics.detected(answered - seen)
+                if result.gpus is None:
+                    logger.warning("job {}: Slurm did not say which GPUs it holds ({}); treating it as holding "
+                                   "all", job_id, result.error)
+                else:
+                    logger.info("job {} started, GPUs {}", job_id, sorted(result.gpus) or "none")
+            elif result.gpus is not None:
+                logger.info("job {}: Slurm answered now, GPUs {}", job_id, sorted(result.gpus) or "none")
 
     # --- act -------------------------------------------------------------------------------------
 
@@ -529,6 +543,7 @@ class Daemon:
         if self._supervisor.pid is not None or self._supervisor.poll().running:
             self._supervisor.stop(self.config.server.stop_timeout_seconds)
         self._health.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
         self.state = replace(self.state, phase=Phase.IDLE, claimed=())
         self._publish(ServerObs())
         with self._lock:
