@@ -110,6 +110,7 @@ class Config:
     control_socket: Path
     exporter_only: bool
     log_level: str
+    tunnel_hostname: str | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
 
@@ -263,6 +264,7 @@ SCHEMA: dict[str, tuple[Any, Check]] = {
     "slurm.rescan_seconds": (5.0, _float(positive=True)),
     "state_dir": (None, _path()),
     "control.socket": (None, _path()),
+    "tunnel.hostname": (None, _str(nullable=True)),
     "exporter_only": (False, _bool),
     "log.level": ("INFO", _log_level),
 }
@@ -382,5 +384,6 @@ def _build(v: dict[str, Any], source: str, raw: Mapping[str, Any]) -> Config:
         control_socket=control_socket,
         exporter_only=v["exporter_only"],
         log_level=v["log.level"],
+        tunnel_hostname=v["tunnel.hostname"],
         raw=raw,
     )

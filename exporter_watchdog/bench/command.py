@@ -56,6 +56,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("preset", nargs="?", default="default", choices=[*PRESETS, "sweep"],
                    help="quick/default/full/stress send 5/20/100/200 prompts; sweep runs concurrency "
                         "1, 2, 4, ... up to --max-concurrency (default: %(default)s)")
+    p.add_argument("--config", "-c", metavar="PATH",
+                   help="the daemon's config, for the default URL, API key and tunnel hostname")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--url", help=f"server base URL (default: ${ENV_URL}, else the configured local "
                                       f"server, else {DEFAULT_URL})")
@@ -86,6 +88,22 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
 
 def defaults_from_config(args: argparse.Namespace) -> None:
     """Fill args.url, args.api_key and args.tunnel_url from the daemon's config where they are still None."""
+    from pathlib import Path
+
+    from exporter_watchdog.config import default_config_path, load_config
+
+    path = Path(args.config) if getattr(args, "config", None) else default_config_path()
+    config = load_config(path)  # a ConfigError reaches the CLI: exit 2 naming file, key and value
+    if args.url is None:
+        host = "127.0.0.1" if config.server.host in ("0.0.0.0", "::") else config.server.host
+        args.url = f"http://{host}:{config.server.port}"
+    if args.api_key is None and config.server.api_key_file is not None:
+        try:
+            args.api_key = config.server.api_key_file.read_text().strip() or None
+        except OSError as exc:
+            raise BenchError(f"server.api_key_file {config.server.api_key_file}: {exc.strerror}", EXIT_USAGE) from None
+    if args.tunnel_url is None and config.tunnel_hostname:
+        args.tunnel_url = f"https://{config.tunnel_hostname}"
 
 
 def run_bench(args: argparse.Namespace) -> int:

@@ -181,3 +181,21 @@ def test_demo_profile_runs_the_stub_with_this_python() -> None:
     assert launch.argv[:3] == (sys.executable, "-m", "exporter_watchdog.demo.llm")
     assert "--port" in launch.argv and "8123" in launch.argv
     assert launch.env_changes["CUDA_VISIBLE_DEVICES"] == "1"
+
+
+def test_bench_defaults_come_from_the_config(tmp_path: Path) -> None:
+    import argparse
+
+    from exporter_watchdog.bench.command import defaults_from_config
+
+    key = tmp_path / "key"
+    key.write_text("sk-test\n")
+    path = write(tmp_path, f"server:\n  port: 8111\n  host: 0.0.0.0\n  api_key_file: {key}\n"
+                           "tunnel:\n  hostname: llm.example.org\n")
+    args = argparse.Namespace(config=str(path), url=None, api_key=None, tunnel_url=None)
+    defaults_from_config(args)
+    assert args.url == "http://127.0.0.1:8111" and args.api_key == "sk-test"
+    assert args.tunnel_url == "https://llm.example.org"
+    given = argparse.Namespace(config=str(path), url="http://x:1", api_key="k", tunnel_url=None)
+    defaults_from_config(given)
+    assert given.url == "http://x:1" and given.api_key == "k"
