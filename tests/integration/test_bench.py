@@ -29,6 +29,7 @@ from exporter_watchdog.bench.report import Progress
 from exporter_watchdog.bench.runner import LoadSpec, RequestResult, arrivals, run_load
 from exporter_watchdog.bench.stats import percentile, summarize
 from exporter_watchdog.demo.llm import StubConfig, StubServer
+from tests.support.waiting import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 VLLM_FIELDS = [
@@ -92,12 +93,6 @@ def fixed_server() -> Iterator[Callable[[dict[str, tuple[int, str, bytes]]], str
     for server in servers:
         server.shutdown()
         server.server_close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run_cli(argv: list[str], **env: str) -> subprocess.CompletedProcess[str]:

@@ -6,7 +6,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter_watchdog.demo.llm import StubConfig, StubServer
+from tests.support.waiting import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -266,12 +266,6 @@ def test_client_disconnect_counts_abort(stub_factory: Callable[..., StubServer])
         time.sleep(0.05)
     assert m[abort] == 1
     assert m[("vllm:num_requests_running", labels)] == 0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_healthy(url: str, proc: subprocess.Popen[bytes], deadline_s: float = 30.0) -> None:

@@ -13,13 +13,16 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
 from loguru import logger
+
+from tests.support.waiting import free_port as _free_port
+from tests.support.waiting import wait_for  # noqa: F401  (re-exported)
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
@@ -67,23 +70,9 @@ def ensure_slurm(install: bool = True) -> None:
         raise SlurmUnavailable(f"missing programs {missing}; install: apt-get install {' '.join(PACKAGES)}")
 
 
-def wait_for(check: Callable[[], T | None], timeout: float, what: str, interval: float = 0.1) -> T:
-    """Poll `check` until it returns a truthy value or the deadline passes (TimeoutError)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"{what}: not within {timeout:.0f} s")
-        time.sleep(interval)
-
-
 def free_port() -> int:
     """A TCP port nobody listens on right now (on any address, as slurmd binds 0.0.0.0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("0.0.0.0", 0))
-        return int(sock.getsockname()[1])
+    return _free_port("0.0.0.0")
 
 
 def unique_name(prefix: str = "wd") -> str:
