@@ -198,8 +198,11 @@ class Daemon:
         """A job's prolog: hand these GPUs back if they are ours; return once our server is gone."""
         wanted = frozenset(gpus)
         started = self._clock()
-        snap = self.snapshot()
-        ours = snap.server_pid is not None and bool(wanted & set(snap.claimed_gpus))
+        # The core's claim, not the published snapshot: it already holds GPUs the loop is about to
+        # start a server on, so a release that races with a start still waits for the stop.
+        state = self.state
+        holding = state.phase in (Phase.STARTING, Phase.SERVING, Phase.YIELDING) or self._supervisor.pid is not None
+        ours = holding and bool(wanted & set(state.claimed))
         release = _Release(job_id, wanted, started, threading.Event())
         with self._lock:
             self._releases.append(release)

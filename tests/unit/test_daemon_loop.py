@@ -186,3 +186,40 @@ def test_claim_all_yields_to_any_gpu_job(tmp_path: Path) -> None:
     daemon.tick()
     assert sup.pid is None
     assert registry.get_sample_value("exporter_watchdog_yields_total", {"reason": "job"}) == 1
+
+
+def test_release_waits_for_the_stop_of_our_gpus_only(tmp_path: Path) -> None:
+    daemon, slurm, sup, dirs, registry, _ = make(tmp_path)
+    daemon.tick()
+    assert daemon.request_release("50", [0], timeout=5.0) == {"ok": True, "released": False, "waited": 0.0}
+    answer: dict[str, Any] = {}
+    asker = threading.Thread(target=lambda: answer.update(daemon.request_release("51", [3], timeout=30.0)))
+    asker.start()
+    # The loop has not run: the prolog is still waiting for our server to go.
+    asker.join(0.2)
+    assert asker.is_alive() and sup.pid is not None
+    daemon.tick()
+    asker.join(10)
+    assert answer["released"] is True and sup.pid is None
+    assert registry.get_sample_value("exporter_watchdog_yields_total", {"reason": "prolog"}) == 1
+    # The prolog's GPUs stay off-limits until the job's cgroup has come and gone.
+    daemon.tick()
+    daemon.tick()
+    assert 3 not in daemon.state.claimed
+
+
+def test_release_racing_a_start_still_waits(tmp_path: Path) -> None:
+    daemon, slurm, sup, dirs, registry, _ = make(tmp_path)
+    from exporter_watchdog.core.decide import decide
+
+    # The core has decided to start on 2,3 but the spawn has not happened yet.
+    daemon.state, _ = decide(daemon.state, daemon._observe(100.0), 100.0, daemon.policy)
+    assert daemon.state.claimed == (2, 3) and sup.pid is None
+    answer: dict[str, Any] = {}
+    asker = threading.Thread(target=lambda: answer.update(daemon.request_release("52", [2], timeout=30.0)))
+    asker.start()
+    asker.join(0.2)
+    assert asker.is_alive(), "a release racing a start must wait for that server to stop"
+    daemon.tick()
+    asker.join(10)
+    assert answer["released"] is True
