@@ -223,3 +223,26 @@ def test_release_racing_a_start_still_waits(tmp_path: Path) -> None:
     daemon.tick()
     asker.join(10)
     assert answer["released"] is True
+
+
+def test_a_job_process_on_our_gpu_makes_it_yield(tmp_path: Path) -> None:
+    config = load_config(None, {"state_dir": str(tmp_path), "claim.gpus": 2, "server.profile": "demo"})
+    sup, found = FakeSupervisor(), {}
+    registry = CollectorRegistry()
+    asked: list[tuple[int, ...]] = []
+
+    def job_processes(claimed: tuple[int, ...]) -> dict[str, set[int]]:
+        asked.append(claimed)
+        return dict(found)
+
+    daemon = Daemon(config, node_gpus=4, scan_jobs=dict, slurm=FakeSlurm(), watcher=None, supervisor=sup,
+                    health_factory=FakeHealth, metrics=DaemonMetrics(registry), gpu_job_processes=job_processes,
+                    clock=lambda: 5.0)
+    daemon.start("demo")
+    daemon.tick()
+    daemon.tick()
+    assert sup.pid is not None and asked[-1] == (2, 3)
+    found["88"] = {3}  # NVML shows a process of job 88 (by its cgroup) on GPU 3; no cgroup event seen
+    daemon.tick()
+    assert sup.pid is None
+    assert registry.get_sample_value("exporter_watchdog_yields_total", {"reason": "gpu_process"}) == 1
