@@ -39,7 +39,8 @@ from watchdog.events import DirCreatedEvent, FileSystemEvent, FileSystemEventHan
 from watchdog.observers.inotify import InotifyObserver  # noqa: E402
 
 from tests.support.daemon import DaemonProc  # noqa: E402
-from tests.support.slurm_cluster import CGROUP_ROOT, SlurmCluster, unique_name, wait_for  # noqa: E402
+from tests.support.slurm_cluster import CGROUP_ROOT, SlurmCluster, unique_name  # noqa: E402
+from tests.support.waiting import wait_for  # noqa: E402
 
 JOB_DIR = re.compile(r"/slurm_([^/]+)/uid_\d+/job_(\d+)$")
 PROLOG_MS = re.compile(r"job (\d+): .*\((\d+) ms\)")

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from tests.support.daemon import DaemonProc, group_alive, pid_alive
-from tests.support.slurm_cluster import CGROUP_ROOT, SlurmCluster, unique_name, wait_for
+from tests.support.slurm_cluster import CGROUP_ROOT, SlurmCluster, unique_name
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.slurm
 
