@@ -305,9 +305,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _prolog_parser() -> argparse.ArgumentParser:
+    """Only the `prolog` subcommand: Slurm runs it before every job, so it imports as little as it can."""
+    from exporter_watchdog import prolog
+
+    parser = argparse.ArgumentParser(prog="exporter-watchdog")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    prolog.register(sub)
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    parser = _prolog_parser() if words[:1] == ["prolog"] else build_parser()
+    args = parser.parse_args(words)
     try:
         code: int = args.func(args)
     except ConfigError as exc:
