@@ -28,7 +28,7 @@ from exporter_watchdog.bench.dataset import DatasetError, load_jsonl, random_pro
 from exporter_watchdog.bench.report import Progress
 from exporter_watchdog.bench.runner import LoadSpec, RequestResult, arrivals, run_load
 from exporter_watchdog.bench.stats import percentile, summarize
-from exporter_watchdog.demo.llm import StubConfig, StubServer
+from exporter_watchdog.demo.llm import StubServer
 from tests.support.waiting import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,22 +38,6 @@ VLLM_FIELDS = [
     "ttfts", "itls", "errors", "num_prompts", "request_rate", "burstiness", "max_concurrency", "model_id",
 ] + [f"{s}_{m}_ms" for s in ("mean", "median", "std", "p99") for m in ("ttft", "tpot", "itl", "e2el")]
 
-
-@pytest.fixture
-def stub_factory() -> Iterator[Callable[..., StubServer]]:
-    servers: list[StubServer] = []
-
-    def make(**kw: Any) -> StubServer:
-        kw.setdefault("ttft_ms", 0.0)
-        kw.setdefault("itl_ms", 0.0)
-        server = StubServer(StubConfig(port=0, **kw))
-        server.start()
-        servers.append(server)
-        return server
-
-    yield make
-    for server in servers:
-        server.stop()
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -6,24 +6,11 @@ import os
 import re
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 
-from tests.support.daemon import EXE, DaemonProc, group_alive, pid_alive, wait_until
-
-FAST = {"claim": {"gpus": 2, "cooldown_seconds": 1.0}, "server": {"backoff_initial_seconds": 0.5}}
-
-
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[DaemonProc]:
-    proc = DaemonProc(tmp_path, FAST)
-    try:
-        yield proc
-    finally:
-        proc.stop()
+from tests.support.daemon import EXE, FAST_DEMO, DaemonProc, group_alive, pid_alive, wait_until
 
 
 def test_claims_highest_gpus_yields_to_a_job_and_comes_back(daemon: DaemonProc) -> None:
@@ -219,7 +206,7 @@ def test_status_without_daemon_exits_3(tmp_path: Path) -> None:
 
 
 def test_exporter_only_never_starts_a_server(tmp_path: Path) -> None:
-    proc = DaemonProc(tmp_path, FAST, args=["--exporter-only"])
+    proc = DaemonProc(tmp_path, FAST_DEMO, args=["--exporter-only"])
     try:
         doc = proc.start(wait_state="disabled").status()
         assert doc is not None

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,27 +17,11 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter_watchdog.demo.llm import StubConfig, StubServer
+from exporter_watchdog.demo.llm import StubServer
 from tests.support.waiting import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
-
-@pytest.fixture
-def stub_factory() -> Iterator[Callable[..., StubServer]]:
-    servers: list[StubServer] = []
-
-    def make(**kw: Any) -> StubServer:
-        kw.setdefault("ttft_ms", 0.0)
-        kw.setdefault("itl_ms", 0.0)
-        server = StubServer(StubConfig(port=0, **kw))
-        server.start()
-        servers.append(server)
-        return server
-
-    yield make
-    for server in servers:
-        server.stop()
 
 
 def sse_events(text: str) -> list[str]:

@@ -5,23 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 from tests.support.daemon import EXE, DaemonProc, group_alive
-
-FAST = {"claim": {"gpus": 2, "cooldown_seconds": 1.0}}
-
-
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[DaemonProc]:
-    proc = DaemonProc(tmp_path, FAST)
-    try:
-        yield proc
-    finally:
-        proc.stop()
 
 
 def prolog(daemon: DaemonProc, **env: str) -> tuple[subprocess.CompletedProcess[str], float]:

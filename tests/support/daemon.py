@@ -17,6 +17,8 @@ import yaml
 from tests.support.waiting import free_port, wait_for
 
 EXE = [sys.executable, "-m", "exporter_watchdog.cli"]
+# Short cool-down and backoff so a test sees the demo daemon come back within seconds.
+FAST_DEMO: dict[str, Any] = {"claim": {"gpus": 2, "cooldown_seconds": 1.0}, "server": {"backoff_initial_seconds": 0.5}}
 
 
 def wait_until(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
