@@ -299,6 +299,14 @@ def _sample(daemon: DaemonProc, cluster: SlurmCluster, out: _Samples) -> None:
         out.error = exc
 
 
+def daemon_yields(daemon: DaemonProc) -> float:
+    """exporter_watchdog_yields_total{reason="job"} from the daemon's /metrics."""
+    for line in daemon.metrics().splitlines():
+        if line.startswith('exporter_watchdog_yields_total{reason="job"}'):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("no exporter_watchdog_yields_total{reason=\"job\"} in /metrics")
+
+
 def test_churn_of_50_jobs_never_leaves_the_server_on_a_jobs_gpus(
     quiet: SlurmCluster, start_daemon: Callable[..., DaemonProc]
 ) -> None:
@@ -343,10 +351,13 @@ def test_churn_of_50_jobs_never_leaves_the_server_on_a_jobs_gpus(
                 exposure[job] = when - first_seen[job]
     assert set(first_seen) == set(submitted), "the sampler missed job directories"
     assert len(samples.claims) >= 2, "the churn never made the server yield and come back"
-    assert exposure, f"seed {seed}: no job ever landed on the running server's GPUs"
-    worst = max(exposure.values())
-    print(f"churn seed {seed}: {len(samples.rows)} samples, {len(samples.claims)} servers,"
-          f" {len(exposure)} jobs landed on a running server's GPUs, longest overlap {worst:.3f} s"
+    # Jobs did land on the running server's GPUs: the daemon yielded to them. The sampler (about 0.1 s
+    # apart) may catch none of those overlaps, since a yield takes milliseconds; any it catches must be short.
+    yields = daemon_yields(daemon)
+    assert yields >= 1, f"seed {seed}: no job ever landed on the running server's GPUs"
+    worst = max(exposure.values(), default=0.0)
+    print(f"churn seed {seed}: {len(samples.rows)} samples, {len(samples.claims)} servers, {yields:g} yields to"
+          f" jobs, {len(exposure)} overlaps caught by the sampler, longest {worst:.3f} s"
           f" (sampled: a job directory counts from the first sample that saw it)")
     assert worst <= YIELD_BOUND, f"seed {seed}: server on a job's GPUs for {exposure}"
 
