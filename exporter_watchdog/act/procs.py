@@ -103,16 +103,23 @@ def list_processes(proc_root: Path = PROC) -> list[ProcInfo]:
     return out
 
 
-def read_environ(pid: int, proc_root: Path = PROC) -> dict[str, str] | None:
-    """The environment a process started with; None when it is gone or not ours to read."""
+def _read_pid_file(pid: int, name: str, proc_root: Path) -> bytes | None:
+    """/proc/PID/NAME; None when the process is gone or not ours to read."""
     try:
-        raw = (proc_root / str(pid) / "environ").read_bytes()
+        return (proc_root / str(pid) / name).read_bytes()
     except (FileNotFoundError, ProcessLookupError, PermissionError, NotADirectoryError):
         return None
     except OSError as exc:
         if exc.errno in (errno.ESRCH, errno.ENOENT, errno.EACCES, errno.EPERM):
             return None
         raise
+
+
+def read_environ(pid: int, proc_root: Path = PROC) -> dict[str, str] | None:
+    """The environment a process started with; None when it is gone or not ours to read."""
+    raw = _read_pid_file(pid, "environ", proc_root)
+    if raw is None:
+        return None
     env: dict[str, str] = {}
     for item in raw.split(b"\0"):
         key, sep, value = item.partition(b"=")
@@ -123,15 +130,10 @@ def read_environ(pid: int, proc_root: Path = PROC) -> dict[str, str] | None:
 
 def read_cgroup(pid: int, proc_root: Path = PROC) -> list[str] | None:
     """The lines of /proc/PID/cgroup; None when the process is gone."""
-    try:
-        text = (proc_root / str(pid) / "cgroup").read_text(errors="replace")
-    except (FileNotFoundError, ProcessLookupError, PermissionError, NotADirectoryError):
+    raw = _read_pid_file(pid, "cgroup", proc_root)
+    if raw is None:
         return None
-    except OSError as exc:
-        if exc.errno in (errno.ESRCH, errno.ENOENT, errno.EACCES, errno.EPERM):
-            return None
-        raise
-    return [line for line in text.splitlines() if line]
+    return [line for line in raw.decode(errors="replace").splitlines() if line]
 
 
 def live_members(sid_or_pgid: int, procs: list[ProcInfo]) -> list[ProcInfo]:

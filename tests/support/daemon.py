@@ -38,8 +38,9 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-def group_alive(pgid: int) -> bool:
-    """True while any non-zombie process is in process group (or session) `pgid`."""
+def group_members(pgid: int, *, session: bool = False) -> list[tuple[int, str]]:
+    """(pid, state) of every process in process group `pgid` (or also session `pgid`), read from /proc."""
+    members = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -48,9 +49,14 @@ def group_alive(pgid: int) -> bool:
                 fields = fh.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if fields[0] != "Z" and (int(fields[2]) == pgid or int(fields[3]) == pgid):
-            return True
-    return False
+        if int(fields[2]) == pgid or (session and int(fields[3]) == pgid):
+            members.append((int(entry), fields[0]))
+    return members
+
+
+def group_alive(pgid: int) -> bool:
+    """True while any non-zombie process is in process group (or session) `pgid`."""
+    return any(state != "Z" for _, state in group_members(pgid, session=True))
 
 
 class DaemonProc:

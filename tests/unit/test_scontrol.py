@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import stat
 import time
@@ -19,6 +18,7 @@ from exporter_watchdog.detect.scontrol import (
     parse_index_list,
     parse_show_job,
 )
+from tests.support.daemon import group_members
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "scontrol"
 DEADLINE = 20.0  # generous: other people run tests on the same 2 cores
@@ -295,22 +295,6 @@ def script(tmp_path: Path, name: str, body: str) -> Path:
     path.write_text("#!/bin/sh\n" + body)
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
     return path
-
-
-def group_members(pgid: int) -> list[tuple[int, str]]:
-    """(pid, state) of every process in a process group, from /proc."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid:
-            members.append((int(entry), fields[0]))
-    return members
 
 
 def test_run_command_returns_output_and_status(tmp_path: Path) -> None:
