@@ -302,8 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from exporter_watchdog import prolog, targets
     from exporter_watchdog.bench import command as bench
+    from exporter_watchdog.runpod import command as pod
 
-    for module in (prolog, bench, targets):
+    for module in (prolog, bench, targets, pod):
         module.register(sub)
     return parser
 
