@@ -165,6 +165,7 @@ def load_settings(
         shown = _get(env, "NODE_ROLE")
         raise PodError("NODE_ROLE", "missing: set head or worker" if shown is None
                        else f"{shown!r} is not head or worker")
+    munge_key = decode_key(env)  # the one secret every pod needs: checked first
     cluster = _get(env, "CLUSTER_NAME") or DEFAULT_CLUSTER
     if not _CLUSTER.match(cluster):
         raise PodError("CLUSTER_NAME", f"{cluster!r}: lower-case letters, digits, '-' or '_', at most 40")
@@ -206,7 +207,7 @@ def load_settings(
     return PodSettings(
         role=role, cluster=cluster, node_name=node_name, node_addr=node_addr, hostname=hostname.split(".")[0],
         head_host=head_host, workers=parse_workers(_get(env, "WORKER_NODES")), gpus=gpus,
-        munge_key=decode_key(env), api_key=_get(env, "EW_API_KEY"), profile=profile, claim_gpus=claim,
+        munge_key=munge_key, api_key=_get(env, "EW_API_KEY"), profile=profile, claim_gpus=claim,
         cooldown_seconds=_float(env, "EW_COOLDOWN_SECONDS", 60.0),
         server_port=_int(env, "EW_SERVER_PORT", 8000, 1, 65535) or 8000,
         metrics_port=_int(env, "EW_METRICS_PORT", 9400, 1, 65535) or 9400,
