@@ -148,12 +148,14 @@ class ControlServer:
         uid = peer_uid(conn)
         if uid not in self._allowed:
             self._refusals.log(f"control socket: refused a client of uid {uid} (allowed: the daemon's uid and root)")
-            return {"ok": False, "error": f"permission denied: uid {uid} may not use this daemon"}
+            refusal = {"ok": False, "error": f"permission denied: uid {uid} may not use this daemon"}
+            self._answer_and_drain(conn, refusal)
+            return None
         try:
             line = _read_line(conn, time.monotonic() + self._read_deadline)
         except _TooLarge:
-            _drain(conn, time.monotonic() + DRAIN_SECONDS)
-            return {"ok": False, "error": f"bad request: larger than {MAX_REQUEST} bytes"}
+            self._answer_and_drain(conn, {"ok": False, "error": f"bad request: larger than {MAX_REQUEST} bytes"})
+            return None
         except TimeoutError:
             logger.debug("control connection: no request within {:g} s; dropped", self._read_deadline)
             return None
@@ -168,6 +170,14 @@ class ControlServer:
         except Exception as exc:  # a handler bug must not kill the control thread
             logger.exception("control request failed")
             return {"ok": False, "error": f"internal error: {exc}"}
+
+    def _answer_and_drain(self, conn: socket.socket, answer: dict[str, Any]) -> None:
+        """Answer a request we will not read, then take (and ignore) what the client still sends for at
+        most DRAIN_SECONDS: closing with unread data would reset the connection and lose the answer."""
+        conn.settimeout(self._read_deadline)
+        conn.sendall(json.dumps(answer).encode() + b"\n")
+        conn.shutdown(socket.SHUT_WR)
+        _drain(conn, time.monotonic() + DRAIN_SECONDS)
 
 
 def _read_line(conn: socket.socket, deadline: float) -> bytes:
