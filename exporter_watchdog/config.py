@@ -94,9 +94,11 @@ class SlurmConfig:
     cgroup_root: Path
     scontrol: tuple[str, ...]
     timeout_seconds: float
-    detect: str  # inotify | poll
+    detect: str  # inotify | poll | squeue
     poll_interval_seconds: float
     rescan_seconds: float
+    squeue: tuple[str, ...] = ("squeue",)
+    squeue_interval_seconds: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -263,7 +265,9 @@ SCHEMA: dict[str, tuple[Any, Check]] = {
     "slurm.cgroup_root": ("/sys/fs/cgroup", _path(nullable=False)),
     "slurm.scontrol": ("scontrol", _argv),
     "slurm.timeout_seconds": (2.0, _float(positive=True)),
-    "slurm.detect": ("inotify", _str(choices=("inotify", "poll"))),
+    "slurm.detect": ("inotify", _str(choices=("inotify", "poll", "squeue"))),
+    "slurm.squeue": ("squeue", _argv),
+    "slurm.squeue_interval_seconds": (2.0, _float(positive=True)),
     "slurm.poll_interval_seconds": (0.25, _float(positive=True)),
     "slurm.rescan_seconds": (5.0, _float(positive=True)),
     "state_dir": (None, _path()),
@@ -384,6 +388,7 @@ def _build(v: dict[str, Any], source: str, raw: Mapping[str, Any]) -> Config:
             cgroup_root=v["slurm.cgroup_root"], scontrol=v["slurm.scontrol"],
             timeout_seconds=v["slurm.timeout_seconds"], detect=v["slurm.detect"],
             poll_interval_seconds=v["slurm.poll_interval_seconds"], rescan_seconds=v["slurm.rescan_seconds"],
+            squeue=v["slurm.squeue"], squeue_interval_seconds=v["slurm.squeue_interval_seconds"],
         ),
         state_dir=state_dir,
         control_socket=control_socket,

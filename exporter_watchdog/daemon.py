@@ -127,10 +127,12 @@ class Daemon:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         profile_loader: Callable[[str], Profile] | None = None,
+        scan_source: JobSource = JobSource.CGROUP,
     ) -> None:
         self.config = config
         self.node_gpus = node_gpus
         self._scan_jobs = scan_jobs
+        self._scan_source = scan_source  # what scan_jobs reads: job cgroups, or squeue's listing
         self._slurm = slurm
         self._watcher = watcher
         self._supervisor = supervisor
@@ -287,7 +289,7 @@ class Daemon:
         for job_id in dirs:
             gpus = self._known.get(job_id)
             seen = (self._watcher.first_seen(job_id) if self._watcher else None) or now
-            jobs.append(Job(job_id=job_id, gpus=gpus, seen_at=seen, source=JobSource.CGROUP))
+            jobs.append(Job(job_id=job_id, gpus=gpus, seen_at=seen, source=self._scan_source))
         gone = [j for j in self._known if j not in dirs]
         for job_id in gone:
             self._known.pop(job_id, None)

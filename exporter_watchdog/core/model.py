@@ -49,6 +49,7 @@ class JobSource(str, enum.Enum):
     """Which signal told us about a job."""
 
     CGROUP = "cgroup"
+    SQUEUE = "squeue"  # listed by `squeue -w NODE` (nodes without job cgroups)
     PROLOG = "prolog"
     GPU_PROCESS = "gpu_process"
 
