@@ -18,6 +18,8 @@ from exporter_watchdog.act.health import HealthProbe
 from exporter_watchdog.act.procs import list_processes, live_members
 from exporter_watchdog.act.statefile import active_profile, ensure_state_dir
 from exporter_watchdog.act.supervisor import Supervisor
+from exporter_watchdog.act.tunnel.connector import KILL_AFTER_GRACE, Connector
+from exporter_watchdog.act.tunnel.launch import build_connector, check_files
 from exporter_watchdog.config import Config, ConfigError, load_config
 from exporter_watchdog.daemon import Daemon
 from exporter_watchdog.detect.cgroups import scan_jobs
@@ -35,6 +37,8 @@ from exporter_watchdog.status import status_dict
 
 # /healthz turns 503 when the loop has not come round for this long (it wakes at least every rescan).
 STUCK_AFTER_MIN = 30.0
+# The connector's output goes to <state_dir>/tunnel.log, rotated to tunnel.log.1 at this size.
+TUNNEL_LOG_MAX_BYTES = 10 * 2**20
 DEMO_DEFAULTS: dict[str, Any] = {
     "node.name": "demo-node", "node.gpus": 4, "claim.gpus": 2, "claim.cooldown_seconds": 5.0,
     "server.profile": "demo", "server.startup_timeout_seconds": 30.0,
@@ -161,6 +165,8 @@ def serve(config_path: Path | None, *, demo: bool, listen: str | None, exporter_
         if demo:
             config = replace(config, slurm=replace(config.slurm, cgroup_root=node.cgroup_root))
         check_profile_or_fail(config, node.gpus)
+        if not config.exporter_only:
+            check_files(config)  # the tunnel's token or config file: exit 2 before anything starts
         return _run(config, config_path, node, late, demo=demo, listen=listen, exporter_only=exporter_only)
     finally:
         for close in reversed(node.closers):
@@ -177,6 +183,19 @@ def _run(config: Config, config_path: Path | None, node: Node, late: LateDaemon,
         record_path=config.state_dir / "server.json", log_path=config.state_dir / "server.log",
         term_timeout=config.server.stop_timeout_seconds, log_max_bytes=config.server.log_max_bytes,
     )
+    # The tunnel connector: a second supervisor with its own record, log and marker variable.
+    tunnel_supervisor = Supervisor(
+        record_path=config.state_dir / "tunnel.json", log_path=config.state_dir / "tunnel.log",
+        term_timeout=config.tunnel.grace_seconds + KILL_AFTER_GRACE, log_max_bytes=TUNNEL_LOG_MAX_BYTES,
+        marker_env="EXPORTER_WATCHDOG_TUNNEL",
+    )
+    connector = None
+    if config.tunnel.enabled and not config.exporter_only:
+        connector = Connector(
+            lambda: build_connector(config, config.state_dir), tunnel_supervisor,
+            HealthProbe(lambda: daemon.wake(), interval=1.0, timeout=2.0, name="tunnel connector"),
+            grace_seconds=config.tunnel.grace_seconds,
+        )
     # Exporter-only: no server, so no Slurm either; GPU owners come from NVML's process list.
     watcher = None if config.exporter_only else CgroupWatcher(
         config.slurm.cgroup_root, config.node.name, wake=lambda: daemon.wake(), mode=config.slurm.detect,
@@ -194,7 +213,7 @@ def _run(config: Config, config_path: Path | None, node: Node, late: LateDaemon,
                                                                                  config.node.name)),
         slurm=slurm, watcher=watcher, supervisor=supervisor,
         health_factory=lambda wake: HealthProbe(wake, interval=1.0, timeout=2.0),
-        metrics=metrics, gpu_job_processes=gpu_jobs,
+        metrics=metrics, gpu_job_processes=gpu_jobs, connector=connector,
     )
 
     def server_pids() -> set[int]:
@@ -227,6 +246,9 @@ def _run(config: Config, config_path: Path | None, node: Node, late: LateDaemon,
     except (ControlError, OSError) as exc:
         http.stop()
         raise StartupError(f"control socket: {exc}") from None
+    found = tunnel_supervisor.cleanup_orphan()
+    if found:
+        logger.warning("stopped {} process(es) of a tunnel connector left behind by an earlier daemon", found)
     found = supervisor.cleanup_orphan()
     if found:
         logger.warning("stopped {} process(es) of a server left behind by an earlier daemon", found)
