@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -17,6 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from exporter_watchdog.act.tunnel.launch import build_connector
+from exporter_watchdog.config import load_config
 from tests.support.daemon import EXE, group_alive, pid_alive, wait_until
 from tests.support.tunnel import API_KEY, HOSTNAME, TOKEN, TunnelDaemon
 
@@ -230,3 +233,28 @@ def test_locally_managed_tunnel_runs_with_the_generated_ingress(tmp_path: Path) 
         assert generated.stat().st_mode & 0o077 == 0
     finally:
         daemon.stop()
+
+
+def test_generated_ingress_passes_a_real_cloudflareds_validation(tmp_path: Path) -> None:
+    """Only where a real cloudflared is on PATH (none can be installed here; not required in CI)."""
+    real = shutil.which("cloudflared")
+    if real is None:
+        pytest.skip("no cloudflared on PATH: the generated ingress is checked by a real one where it exists")
+    creds = tmp_path / "6ff42ae2-765d-4adf-8112-31c55c1551ef.json"
+    creds.write_text(json.dumps({"AccountTag": "a", "TunnelSecret": "c2VjcmV0", "TunnelID": creds.stem}))
+    user = tmp_path / "cloudflared.yml"
+    user.write_text(f"tunnel: {creds.stem}\ncredentials-file: {creds}\n")
+    (tmp_path / "key").write_text("k\n")
+    (tmp_path / "config.yaml").write_text(
+        f"server: {{api_key_file: {tmp_path / 'key'}}}\n"
+        f"tunnel: {{enabled: true, config_file: {user}, hostname: {HOSTNAME}}}\n")
+    launch = build_connector(load_config(tmp_path / "config.yaml"), tmp_path / "state")
+    assert launch.config_path is not None
+    validate = subprocess.run([real, "tunnel", "ingress", "validate", "--config", str(launch.config_path)],
+                              capture_output=True, text=True, timeout=60)
+    assert validate.returncode == 0, validate.stdout + validate.stderr
+    for url, expected in ((f"https://{HOSTNAME}/v1/models", "http://127.0.0.1:8000"),
+                          (f"https://{HOSTNAME}/metrics", "http_status:404")):
+        rule = subprocess.run([real, "tunnel", "ingress", "rule", "--config", str(launch.config_path), url],
+                              capture_output=True, text=True, timeout=60)
+        assert rule.returncode == 0 and expected in rule.stdout, rule.stdout + rule.stderr
