@@ -38,7 +38,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from exporter_watchdog.serve import StartupError, serve
 
     try:
-        return serve(_config_path(args), demo=args.demo, listen=args.listen, exporter_only=args.exporter_only)
+        return serve(_config_path(args), demo=args.demo, listen=args.listen, exporter_only=args.exporter_only,
+                     simulated_gpus=args.simulated_gpus)
     except StartupError as exc:
         return _fail(str(exc))
 
@@ -283,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", metavar="HOST:PORT", help="metrics/status address (overrides metrics.listen)")
     p.add_argument("--exporter-only", action="store_true",
                    help="export GPU metrics only; never start a server (overrides exporter_only)")
+    p.add_argument("--simulated-gpus", action="store_true",
+                   help="real Slurm, but simulated GPU metrics for node.gpus GPUs (machines without GPUs; tests)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("status", help="show what the running daemon is doing")
@@ -331,8 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from exporter_watchdog import prolog, targets
     from exporter_watchdog.bench import command as bench
+    from exporter_watchdog.replay import command as replay
 
-    for module in (prolog, bench, targets):
+    for module in (prolog, bench, targets, replay):
         module.register(sub)
     return parser
 

@@ -59,6 +59,7 @@ class ClaimConfig:
     gpus: int | None  # None: every GPU of the node
     cooldown_seconds: float
     yield_on_any_job: bool
+    start_rule: str = "always"  # always | learned (core.model.StartRule)
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class ServerConfig:
     log_max_bytes: int
     backoff_initial_seconds: float
     backoff_max_seconds: float
+    cold_start_seconds: float | None = None  # None: the profile's, else measured at the first start
 
 
 @dataclass(frozen=True)
@@ -95,9 +97,11 @@ class SlurmConfig:
     cgroup_root: Path
     scontrol: tuple[str, ...]
     timeout_seconds: float
-    detect: str  # inotify | poll
+    detect: str  # inotify | poll | squeue
     poll_interval_seconds: float
     rescan_seconds: float
+    squeue: tuple[str, ...] = ("squeue",)
+    squeue_interval_seconds: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -268,6 +272,7 @@ SCHEMA: dict[str, tuple[Any, Check]] = {
     "claim.gpus": (None, _int(1, 64, nullable=True)),
     "claim.cooldown_seconds": (60.0, _float()),
     "claim.yield_on_any_job": (False, _bool),
+    "claim.start_rule": ("always", _str(choices=("always", "learned"))),
     "server.profile": (None, _str(nullable=True)),
     "server.port": (8000, _int(1, 65535)),
     "server.host": ("127.0.0.1", _str()),
@@ -280,6 +285,7 @@ SCHEMA: dict[str, tuple[Any, Check]] = {
     "server.log_max_bytes": (50 * 2**20, _int(4096)),
     "server.backoff_initial_seconds": (5.0, _float(positive=True)),
     "server.backoff_max_seconds": (300.0, _float(positive=True)),
+    "server.cold_start_seconds": (None, _float(nullable=True, positive=True)),
     "cuda.home": (None, _path()),
     "cuda.version": (None, _str(nullable=True)),
     "cuda.library_paths": ([], _path_list),
@@ -288,7 +294,9 @@ SCHEMA: dict[str, tuple[Any, Check]] = {
     "slurm.cgroup_root": ("/sys/fs/cgroup", _path(nullable=False)),
     "slurm.scontrol": ("scontrol", _argv),
     "slurm.timeout_seconds": (2.0, _float(positive=True)),
-    "slurm.detect": ("inotify", _str(choices=("inotify", "poll"))),
+    "slurm.detect": ("inotify", _str(choices=("inotify", "poll", "squeue"))),
+    "slurm.squeue": ("squeue", _argv),
+    "slurm.squeue_interval_seconds": (2.0, _float(positive=True)),
     "slurm.poll_interval_seconds": (0.25, _float(positive=True)),
     "slurm.rescan_seconds": (5.0, _float(positive=True)),
     "state_dir": (None, _path()),
@@ -401,7 +409,7 @@ def _build(v: dict[str, Any], source: str, raw: Mapping[str, Any]) -> Config:
         source=source,
         node=NodeConfig(name=v["node.name"] or short_hostname(), gpus=node_gpus),
         claim=ClaimConfig(gpus=claim, cooldown_seconds=v["claim.cooldown_seconds"],
-                          yield_on_any_job=v["claim.yield_on_any_job"]),
+                          yield_on_any_job=v["claim.yield_on_any_job"], start_rule=v["claim.start_rule"]),
         server=ServerConfig(
             profile=v["server.profile"], port=v["server.port"], host=v["server.host"],
             models_dir=v["server.models_dir"], startup_timeout_seconds=v["server.startup_timeout_seconds"],
@@ -409,6 +417,7 @@ def _build(v: dict[str, Any], source: str, raw: Mapping[str, Any]) -> Config:
             extra_args=v["server.extra_args"], env=v["server.env"], log_max_bytes=v["server.log_max_bytes"],
             backoff_initial_seconds=v["server.backoff_initial_seconds"],
             backoff_max_seconds=v["server.backoff_max_seconds"],
+            cold_start_seconds=v["server.cold_start_seconds"],
         ),
         cuda=CudaConfig(home=v["cuda.home"], version=v["cuda.version"], library_paths=v["cuda.library_paths"]),
         metrics=MetricsConfig(listen=v["metrics.listen"], gpu_cache_seconds=v["metrics.gpu_cache_seconds"]),
@@ -416,6 +425,7 @@ def _build(v: dict[str, Any], source: str, raw: Mapping[str, Any]) -> Config:
             cgroup_root=v["slurm.cgroup_root"], scontrol=v["slurm.scontrol"],
             timeout_seconds=v["slurm.timeout_seconds"], detect=v["slurm.detect"],
             poll_interval_seconds=v["slurm.poll_interval_seconds"], rescan_seconds=v["slurm.rescan_seconds"],
+            squeue=v["slurm.squeue"], squeue_interval_seconds=v["slurm.squeue_interval_seconds"],
         ),
         state_dir=state_dir,
         control_socket=control_socket,

@@ -24,6 +24,7 @@ from exporter_watchdog.core.model import (
     ServerObs,
     Snapshot,
     StartConnector,
+    StartRule,
     StartServer,
     State,
     StopConnector,
@@ -112,8 +113,17 @@ def policy_from(config: Config, node_gpus: int, profile: Profile | None) -> Poli
         startup_timeout_seconds=startup,
         backoff_initial_seconds=config.server.backoff_initial_seconds,
         backoff_max_seconds=config.server.backoff_max_seconds,
+        start_rule=StartRule(config.claim.start_rule),
+        cold_start_seconds=cold_start_seconds(config, profile) or 0.0,
         tunnel_grace_seconds=config.tunnel.grace_seconds,
     )
+
+
+def cold_start_seconds(config: Config, profile: Profile | None) -> float | None:
+    """The expected start-to-ready time: server.cold_start_seconds, else the profile's (None: unknown)."""
+    if config.server.cold_start_seconds is not None:
+        return config.server.cold_start_seconds
+    return profile.cold_start_seconds if profile is not None else None
 
 
 class Daemon:
@@ -134,11 +144,13 @@ class Daemon:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         profile_loader: Callable[[str], Profile] | None = None,
+        scan_source: JobSource = JobSource.CGROUP,
         connector: ConnectorLike | None = None,
     ) -> None:
         self.config = config
         self.node_gpus = node_gpus
         self._scan_jobs = scan_jobs
+        self._scan_source = scan_source  # what scan_jobs reads: job cgroups, or squeue's listing
         self._slurm = slurm
         self._watcher = watcher
         self._supervisor = supervisor
@@ -323,7 +335,7 @@ class Daemon:
         for job_id in dirs:
             gpus = self._known.get(job_id)
             seen = (self._watcher.first_seen(job_id) if self._watcher else None) or now
-            jobs.append(Job(job_id=job_id, gpus=gpus, seen_at=seen, source=JobSource.CGROUP))
+            jobs.append(Job(job_id=job_id, gpus=gpus, seen_at=seen, source=self._scan_source))
         gone = [j for j in self._known if j not in dirs]
         for job_id in gone:
             self._known.pop(job_id, None)

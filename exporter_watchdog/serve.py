@@ -21,10 +21,12 @@ from exporter_watchdog.act.supervisor import Supervisor
 from exporter_watchdog.act.tunnel.connector import KILL_AFTER_GRACE, Connector
 from exporter_watchdog.act.tunnel.launch import build_connector, check_files
 from exporter_watchdog.config import Config, ConfigError, load_config
+from exporter_watchdog.core.model import JobSource
 from exporter_watchdog.daemon import Daemon
 from exporter_watchdog.detect.cgroups import scan_jobs
 from exporter_watchdog.detect.runner import CommandRunner, run_command
 from exporter_watchdog.detect.scontrol import SlurmClient
+from exporter_watchdog.detect.squeue import SqueueJobs
 from exporter_watchdog.detect.watcher import CgroupWatcher
 from exporter_watchdog.metrics.daemon import DaemonMetrics, SnapshotCollector, snapshot_owners
 from exporter_watchdog.metrics.exposition import Guarded
@@ -118,6 +120,19 @@ def real_node(config: Config) -> Node:
     return Node(gpus=count, cgroup_root=config.slurm.cgroup_root, runner=run_command, backend=backend)
 
 
+def simulated_gpus_node(config: Config, late: LateDaemon) -> Node:
+    """Real Slurm, simulated GPU metrics (no NVML): for trying a deployment on machines without GPUs."""
+    from exporter_watchdog.demo.gpus import SimulatedGpus, StubLoad
+
+    if config.node.gpus is None:
+        raise ConfigError(config.source, "node.gpus", None, "--simulated-gpus needs the node's GPU count")
+    load = StubLoad(f"http://127.0.0.1:{config.server.port}/metrics")
+    backend = SimulatedGpus(config.node.gpus, load=load, processes=late.server_on)
+    logger.warning("GPU metrics are simulated ({} GPUs): --simulated-gpus is for machines without GPUs",
+                   config.node.gpus)
+    return Node(gpus=config.node.gpus, cgroup_root=config.slurm.cgroup_root, runner=run_command, backend=backend)
+
+
 def demo_node(config: Config, late: LateDaemon) -> Node:
     from exporter_watchdog.demo.gpus import SimulatedGpus, StubLoad
     from exporter_watchdog.demo.node import DemoNode, DemoReaper
@@ -155,12 +170,20 @@ def check_profile_or_fail(config: Config, node_gpus: int) -> None:
         raise ConfigError(config.source, "server.profile", name, why)
 
 
-def serve(config_path: Path | None, *, demo: bool, listen: str | None, exporter_only: bool) -> int:
+def serve(config_path: Path | None, *, demo: bool, listen: str | None, exporter_only: bool,
+          simulated_gpus: bool = False) -> int:
     config = load_serve_config(config_path, demo=demo, listen=listen, exporter_only=exporter_only)
+    if demo and config.slurm.detect == "squeue":
+        raise ConfigError(config.source, "slurm.detect", "squeue", "the demo node has no squeue; use inotify or poll")
     configure_logging(config.log_level)
     ensure_state_dir(config.state_dir)
     late = LateDaemon()
-    node = demo_node(config, late) if demo else real_node(config)
+    if demo:
+        node = demo_node(config, late)
+    elif simulated_gpus:
+        node = simulated_gpus_node(config, late)
+    else:
+        node = real_node(config)
     try:
         if demo:
             config = replace(config, slurm=replace(config.slurm, cgroup_root=node.cgroup_root))
@@ -196,12 +219,21 @@ def _run(config: Config, config_path: Path | None, node: Node, late: LateDaemon,
             HealthProbe(lambda: daemon.wake(), interval=1.0, timeout=2.0, name="tunnel connector"),
             grace_seconds=config.tunnel.grace_seconds,
         )
-    # Exporter-only: no server, so no Slurm either; GPU owners come from NVML's process list.
-    watcher = None if config.exporter_only else CgroupWatcher(
-        config.slurm.cgroup_root, config.node.name, wake=lambda: daemon.wake(), mode=config.slurm.detect,
-        poll_interval=config.slurm.poll_interval_seconds, replan_interval=config.slurm.rescan_seconds,
-    )
     slurm = SlurmClient(config.slurm.scontrol, config.node.name, node.runner, timeout=config.slurm.timeout_seconds)
+    # Exporter-only: no server, so no Slurm either; GPU owners come from NVML's process list.
+    lister: SqueueJobs | None = None
+    watcher: CgroupWatcher | SqueueJobs | None = None
+    if not config.exporter_only and config.slurm.detect == "squeue":
+        # No job cgroups on this node: squeue lists its jobs, and answers for itself while it cannot.
+        watcher = lister = SqueueJobs(
+            config.slurm.squeue, config.node.name, node.runner, slurm, wake=lambda: daemon.wake(),
+            interval=config.slurm.squeue_interval_seconds, timeout=config.slurm.timeout_seconds,
+        )
+    elif not config.exporter_only:
+        watcher = CgroupWatcher(
+            config.slurm.cgroup_root, config.node.name, wake=lambda: daemon.wake(), mode=config.slurm.detect,
+            poll_interval=config.slurm.poll_interval_seconds, replan_interval=config.slurm.rescan_seconds,
+        )
     backend = node.backend
     gpu_jobs = None
     if backend is not None and not demo:
@@ -209,9 +241,10 @@ def _run(config: Config, config_path: Path | None, node: Node, late: LateDaemon,
             return slurm_job_processes_on(backend, claimed)
     daemon = Daemon(
         config, node_gpus=node.gpus,
-        scan_jobs=(lambda: {}) if config.exporter_only else (lambda: scan_jobs(config.slurm.cgroup_root,
-                                                                                 config.node.name)),
-        slurm=slurm, watcher=watcher, supervisor=supervisor,
+        scan_jobs=(lambda: {}) if config.exporter_only else lister.jobs if lister is not None else (
+            lambda: scan_jobs(config.slurm.cgroup_root, config.node.name)),
+        slurm=lister or slurm, watcher=watcher, supervisor=supervisor,
+        scan_source=JobSource.SQUEUE if lister is not None else JobSource.CGROUP,
         health_factory=lambda wake: HealthProbe(wake, interval=1.0, timeout=2.0),
         metrics=metrics, gpu_job_processes=gpu_jobs, connector=connector,
     )

@@ -54,7 +54,7 @@ def with_connector(
             state = replace(state, phase=Phase.YIELDING, phase_since=now)
     else:
         state, actions = server_step(state, replace(obs, restart_requested=restart and not hold), now, policy)
-    if state.phase not in _UP:
+    if state.phase not in _UP and state.drain_until is not None:
         state = replace(state, drain_until=None)  # the restart, a yield or a crash went ahead
     return _connector_actions(state, obs, now, policy, actions)
 

@@ -112,7 +112,7 @@ class SnapshotCollector(Collector):
         yield GaugeMetricFamily(
             f"{PREFIX}_claimed_gpus", "GPUs claimed for the server.", value=len(snap.claimed_gpus)
         )
-        cgroup_jobs = [j for j in snap.jobs if j.source == JobSource.CGROUP]
+        cgroup_jobs = [j for j in snap.jobs if j.source in (JobSource.CGROUP, JobSource.SQUEUE)]
         yield GaugeMetricFamily(
             f"{PREFIX}_slurm_jobs", "Slurm jobs running on this node.", value=len(cgroup_jobs)
         )
