@@ -302,8 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from exporter_watchdog import prolog, targets
     from exporter_watchdog.bench import command as bench
+    from exporter_watchdog.replay import command as replay
 
-    for module in (prolog, bench, targets):
+    for module in (prolog, bench, targets, replay):
         module.register(sub)
     return parser
 

@@ -56,6 +56,7 @@ class ClaimConfig:
     gpus: int | None  # None: every GPU of the node
     cooldown_seconds: float
     yield_on_any_job: bool
+    start_rule: str = "always"  # always | learned (core.model.StartRule)
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class ServerConfig:
     log_max_bytes: int
     backoff_initial_seconds: float
     backoff_max_seconds: float
+    cold_start_seconds: float | None = None  # None: the profile's, else measured at the first start
 
 
 @dataclass(frozen=True)
@@ -241,6 +243,7 @@ SCHEMA: dict[str, tuple[Any, Check]] = {
     "claim.gpus": (None, _int(1, 64, nullable=True)),
     "claim.cooldown_seconds": (60.0, _float()),
     "claim.yield_on_any_job": (False, _bool),
+    "claim.start_rule": ("always", _str(choices=("always", "learned"))),
     "server.profile": (None, _str(nullable=True)),
     "server.port": (8000, _int(1, 65535)),
     "server.host": ("127.0.0.1", _str()),
@@ -253,6 +256,7 @@ SCHEMA: dict[str, tuple[Any, Check]] = {
     "server.log_max_bytes": (50 * 2**20, _int(4096)),
     "server.backoff_initial_seconds": (5.0, _float(positive=True)),
     "server.backoff_max_seconds": (300.0, _float(positive=True)),
+    "server.cold_start_seconds": (None, _float(nullable=True, positive=True)),
     "cuda.home": (None, _path()),
     "cuda.version": (None, _str(nullable=True)),
     "cuda.library_paths": ([], _path_list),
@@ -368,7 +372,7 @@ def _build(v: dict[str, Any], source: str, raw: Mapping[str, Any]) -> Config:
         source=source,
         node=NodeConfig(name=v["node.name"] or short_hostname(), gpus=node_gpus),
         claim=ClaimConfig(gpus=claim, cooldown_seconds=v["claim.cooldown_seconds"],
-                          yield_on_any_job=v["claim.yield_on_any_job"]),
+                          yield_on_any_job=v["claim.yield_on_any_job"], start_rule=v["claim.start_rule"]),
         server=ServerConfig(
             profile=v["server.profile"], port=v["server.port"], host=v["server.host"],
             models_dir=v["server.models_dir"], startup_timeout_seconds=v["server.startup_timeout_seconds"],
@@ -376,6 +380,7 @@ def _build(v: dict[str, Any], source: str, raw: Mapping[str, Any]) -> Config:
             extra_args=v["server.extra_args"], env=v["server.env"], log_max_bytes=v["server.log_max_bytes"],
             backoff_initial_seconds=v["server.backoff_initial_seconds"],
             backoff_max_seconds=v["server.backoff_max_seconds"],
+            cold_start_seconds=v["server.cold_start_seconds"],
         ),
         cuda=CudaConfig(home=v["cuda.home"], version=v["cuda.version"], library_paths=v["cuda.library_paths"]),
         metrics=MetricsConfig(listen=v["metrics.listen"], gpu_cache_seconds=v["metrics.gpu_cache_seconds"]),

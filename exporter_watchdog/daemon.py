@@ -23,6 +23,7 @@ from exporter_watchdog.core.model import (
     Policy,
     ServerObs,
     Snapshot,
+    StartRule,
     StartServer,
     State,
     StopServer,
@@ -96,7 +97,16 @@ def policy_from(config: Config, node_gpus: int, profile: Profile | None) -> Poli
         startup_timeout_seconds=startup,
         backoff_initial_seconds=config.server.backoff_initial_seconds,
         backoff_max_seconds=config.server.backoff_max_seconds,
+        start_rule=StartRule(config.claim.start_rule),
+        cold_start_seconds=cold_start_seconds(config, profile) or 0.0,
     )
+
+
+def cold_start_seconds(config: Config, profile: Profile | None) -> float | None:
+    """The expected start-to-ready time: server.cold_start_seconds, else the profile's (None: unknown)."""
+    if config.server.cold_start_seconds is not None:
+        return config.server.cold_start_seconds
+    return profile.cold_start_seconds if profile is not None else None
 
 
 class Daemon:

@@ -38,6 +38,13 @@ class YieldReason(str, enum.Enum):
     GPU_PROCESS = "gpu_process"  # a Slurm job's process showed up on one of our GPUs
 
 
+class StartRule(str, enum.Enum):
+    """When an IDLE node with enough free GPUs starts the server (`claim.start_rule`)."""
+
+    ALWAYS = "always"  # as soon as the GPUs are free (after the cool-down that follows a yield)
+    LEARNED = "learned"  # wait until the node's recent gaps say this one will outlast the cold start
+
+
 class JobSource(str, enum.Enum):
     """Which signal told us about a job."""
 
@@ -92,6 +99,9 @@ class Policy:
     backoff_initial_seconds: float = 5.0
     backoff_max_seconds: float = 300.0
     stable_after_seconds: float = 120.0  # serving this long forgives earlier crashes
+    start_rule: StartRule = StartRule.ALWAYS
+    cold_start_seconds: float = 0.0  # expected start-to-ready time until one is measured (learned rule)
+    learn_gaps: int = 20  # how many recent free gaps the learned rule remembers
 
 
 @dataclass(frozen=True)
@@ -118,6 +128,9 @@ class State:
     last_yield: YieldRecord | None = None
     ever_started: bool = False
     cooling: bool = False  # a yield happened: wait cooldown_seconds of free GPUs before the next start
+    gap_since: float | None = None  # since when enough GPUs are free in this gap (ended by a job)
+    recent_gaps: tuple[float, ...] = ()  # lengths of the last policy.learn_gaps gaps, oldest first
+    cold_start_seen: float | None = None  # the last measured start-to-ready time
 
 
 # --- actions the core asks for -------------------------------------------------------------------
