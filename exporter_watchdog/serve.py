@@ -28,6 +28,7 @@ from exporter_watchdog.detect.runner import CommandRunner, run_command
 from exporter_watchdog.detect.scontrol import SlurmClient
 from exporter_watchdog.detect.squeue import SqueueJobs
 from exporter_watchdog.detect.watcher import CgroupWatcher
+from exporter_watchdog.metrics.connections import LoopFirst
 from exporter_watchdog.metrics.daemon import DaemonMetrics, SnapshotCollector, snapshot_owners
 from exporter_watchdog.metrics.exposition import Guarded
 from exporter_watchdog.metrics.gpu import GpuCollector, XidWatcher
@@ -39,6 +40,9 @@ from exporter_watchdog.status import status_dict
 
 # /healthz turns 503 when the loop has not come round for this long (it wakes at least every rescan).
 STUCK_AFTER_MIN = 30.0
+# How long /metrics workers hold back after a job event: the loop detects, decides and signals in this time.
+JOB_EVENT_HOLD = 0.2
+SWITCH_INTERVAL = 0.001
 # The connector's output goes to <state_dir>/tunnel.log, rotated to tunnel.log.1 at this size.
 TUNNEL_LOG_MAX_BYTES = 10 * 2**20
 DEMO_DEFAULTS: dict[str, Any] = {
@@ -176,6 +180,9 @@ def serve(config_path: Path | None, *, demo: bool, listen: str | None, exporter_
     if demo and config.slurm.detect == "squeue":
         raise ConfigError(config.source, "slurm.detect", "squeue", "the demo node has no squeue; use inotify or poll")
     configure_logging(config.log_level)
+    # Threads hand the interpreter lock over every 1 ms instead of 5: a job event's thread waits less
+    # behind a busy /metrics worker (benchmarks/metrics_load.py).
+    sys.setswitchinterval(SWITCH_INTERVAL)
     ensure_state_dir(config.state_dir)
     late = LateDaemon()
     if demo:
@@ -220,18 +227,25 @@ def _run(config: Config, config_path: Path | None, node: Node, late: LateDaemon,
             grace_seconds=config.tunnel.grace_seconds,
         )
     slurm = SlurmClient(config.slurm.scontrol, config.node.name, node.runner, timeout=config.slurm.timeout_seconds)
+    loop_first = LoopFirst()
+
+    def job_event() -> None:
+        """A job came or went: /metrics workers hold back while the loop acts on it (a yield first)."""
+        loop_first.hold_for(JOB_EVENT_HOLD)
+        daemon.wake()
+
     # Exporter-only: no server, so no Slurm either; GPU owners come from NVML's process list.
     lister: SqueueJobs | None = None
     watcher: CgroupWatcher | SqueueJobs | None = None
     if not config.exporter_only and config.slurm.detect == "squeue":
         # No job cgroups on this node: squeue lists its jobs, and answers for itself while it cannot.
         watcher = lister = SqueueJobs(
-            config.slurm.squeue, config.node.name, node.runner, slurm, wake=lambda: daemon.wake(),
+            config.slurm.squeue, config.node.name, node.runner, slurm, wake=job_event,
             interval=config.slurm.squeue_interval_seconds, timeout=config.slurm.timeout_seconds,
         )
     elif not config.exporter_only:
         watcher = CgroupWatcher(
-            config.slurm.cgroup_root, config.node.name, wake=lambda: daemon.wake(), mode=config.slurm.detect,
+            config.slurm.cgroup_root, config.node.name, wake=job_event, mode=config.slurm.detect,
             poll_interval=config.slurm.poll_interval_seconds, replan_interval=config.slurm.rescan_seconds,
         )
     backend = node.backend
@@ -267,7 +281,7 @@ def _run(config: Config, config_path: Path | None, node: Node, late: LateDaemon,
     http = MetricsServer(
         config.metrics.listen, registry,
         status=lambda: status_dict(daemon.snapshot(), time.time()),
-        healthy=lambda: daemon.loop_alive(stuck_after),
+        healthy=lambda: daemon.loop_alive(stuck_after), loop_first=loop_first,
     )
     try:
         http.start()
