@@ -331,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_llm_arguments(p)
     p.set_defaults(func=cmd_demo_llm)
+    from exporter_watchdog.demo import faults as demo_faults
+
+    demo_faults.register(demo_sub, _add_config, _demo_node)
 
     from exporter_watchdog import prolog, targets
     from exporter_watchdog.bench import command as bench

@@ -138,6 +138,7 @@ def simulated_gpus_node(config: Config, late: LateDaemon) -> Node:
 
 
 def demo_node(config: Config, late: LateDaemon) -> Node:
+    from exporter_watchdog.demo.faults import FaultSwitch
     from exporter_watchdog.demo.gpus import SimulatedGpus, StubLoad
     from exporter_watchdog.demo.node import DemoNode, DemoReaper
 
@@ -149,9 +150,10 @@ def demo_node(config: Config, late: LateDaemon) -> Node:
     reaper.start()
     load = StubLoad(f"http://127.0.0.1:{config.server.port}/metrics")
     backend = SimulatedGpus(gpus, load=load, processes=late.server_on)
+    faults = FaultSwitch(node.root, backend).start()  # `demo fault nvml` makes NVML fail
     logger.info("demo node {} with {} simulated GPUs; job cgroups under {}", config.node.name, gpus, node.cgroup_root)
     return Node(gpus=gpus, cgroup_root=node.cgroup_root, runner=node.scontrol, backend=backend,
-                closers=[reaper.stop, node.clear])
+                closers=[reaper.stop, node.clear, faults.stop])
 
 
 def check_profile_or_fail(config: Config, node_gpus: int) -> None:
