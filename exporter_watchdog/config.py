@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import socket
 from collections.abc import Callable, Mapping
@@ -14,6 +15,8 @@ import yaml
 
 ENV_CONFIG = "EXPORTER_WATCHDOG_CONFIG"
 SYSTEM_CONFIG = Path("/etc/exporter-watchdog/config.yaml")
+# cloudflared's own first choice when --metrics has no address, on loopback only.
+DEFAULT_TUNNEL_METRICS = "127.0.0.1:20241"
 
 
 class ConfigError(Exception):
@@ -104,6 +107,20 @@ class SlurmConfig:
 
 
 @dataclass(frozen=True)
+class TunnelConfig:
+    """The Cloudflare tunnel connector the daemon runs while its server serves (see docs/tunnel.md)."""
+
+    enabled: bool = False
+    cloudflared: tuple[str, ...] = ("cloudflared",)
+    token_file: Path | None = None  # a dashboard-managed tunnel: passed as --token-file, never read here
+    config_file: Path | None = None  # a locally-managed tunnel: tunnel id and credentials-file
+    hostname: str | None = None
+    metrics: str = DEFAULT_TUNNEL_METRICS
+    grace_seconds: float = 30.0
+    allow_unauthenticated: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     source: str  # the file it came from, or "(defaults)"
     node: NodeConfig
@@ -117,6 +134,7 @@ class Config:
     exporter_only: bool
     log_level: str
     tunnel_hostname: str | None = None
+    tunnel: TunnelConfig = field(default_factory=TunnelConfig)
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
 
@@ -231,6 +249,17 @@ def _env_map(v: Any) -> dict[str, str]:
     return out
 
 
+_HOSTNAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
+
+
+def _hostname(v: Any) -> str | None:
+    if v is None:
+        return None
+    if not isinstance(v, str) or not _HOSTNAME.match(v):
+        raise ValueError("expected a bare host name like llm.example.org (no scheme, port or path)")
+    return v
+
+
 def _log_level(v: Any) -> str:
     levels = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
     if not isinstance(v, str) or v.upper() not in levels:
@@ -276,7 +305,14 @@ SCHEMA: dict[str, tuple[Any, Check]] = {
     "slurm.rescan_seconds": (5.0, _float(positive=True)),
     "state_dir": (None, _path()),
     "control.socket": (None, _path()),
-    "tunnel.hostname": (None, _str(nullable=True)),
+    "tunnel.enabled": (False, _bool),
+    "tunnel.cloudflared": ("cloudflared", _argv),
+    "tunnel.token_file": (None, _path()),
+    "tunnel.config_file": (None, _path()),
+    "tunnel.hostname": (None, _hostname),
+    "tunnel.metrics": (DEFAULT_TUNNEL_METRICS, _listen),
+    "tunnel.grace_seconds": (30.0, _float()),
+    "tunnel.allow_unauthenticated": (False, _bool),
     "exporter_only": (False, _bool),
     "log.level": ("INFO", _log_level),
 }
@@ -368,6 +404,7 @@ def _build(v: dict[str, Any], source: str, raw: Mapping[str, Any]) -> Config:
             source, "server.backoff_max_seconds", v["server.backoff_max_seconds"],
             "must be >= server.backoff_initial_seconds",
         )
+    tunnel = _tunnel(v, source)
     state_dir = v["state_dir"] or default_state_dir()
     control_socket = v["control.socket"] or state_dir / "control.sock"
     if len(str(control_socket)) > 100:
@@ -401,5 +438,38 @@ def _build(v: dict[str, Any], source: str, raw: Mapping[str, Any]) -> Config:
         exporter_only=v["exporter_only"],
         log_level=v["log.level"],
         tunnel_hostname=v["tunnel.hostname"],
+        tunnel=tunnel,
         raw=raw,
     )
+
+
+def _tunnel(v: dict[str, Any], source: str) -> TunnelConfig:
+    """The tunnel section; with enabled: true it must say how to reach Cloudflare, and the API needs a key."""
+    tunnel = TunnelConfig(
+        enabled=v["tunnel.enabled"], cloudflared=v["tunnel.cloudflared"], token_file=v["tunnel.token_file"],
+        config_file=v["tunnel.config_file"], hostname=v["tunnel.hostname"], metrics=v["tunnel.metrics"],
+        grace_seconds=v["tunnel.grace_seconds"], allow_unauthenticated=v["tunnel.allow_unauthenticated"],
+    )
+    if not tunnel.enabled:
+        return tunnel
+    if tunnel.token_file is not None and tunnel.config_file is not None:
+        raise ConfigError(source, "tunnel.config_file", str(tunnel.config_file),
+                          "set tunnel.token_file (dashboard-managed tunnel) or tunnel.config_file "
+                          "(locally-managed tunnel), not both")
+    if tunnel.token_file is None and tunnel.config_file is None:
+        raise ConfigError(source, "tunnel.token_file", None,
+                          "tunnel.enabled is true: set tunnel.token_file (dashboard-managed tunnel) or "
+                          "tunnel.config_file (locally-managed tunnel)")
+    if tunnel.config_file is not None and tunnel.hostname is None:
+        raise ConfigError(source, "tunnel.hostname", None,
+                          "a locally-managed tunnel (tunnel.config_file) needs the public hostname for its ingress")
+    port = int(tunnel.metrics.rpartition(":")[2])
+    if port == 0:
+        raise ConfigError(source, "tunnel.metrics", tunnel.metrics,
+                          "needs a fixed port: the daemon reads the connector's /ready there")
+    if v["server.api_key_file"] is None and not tunnel.allow_unauthenticated:
+        raise ConfigError(source, "tunnel.enabled", True,
+                          "publishes the server's API, but server.api_key_file is not set: set "
+                          "server.api_key_file (vLLM then requires the key on /v1/*), or "
+                          "tunnel.allow_unauthenticated: true to publish it without a key")
+    return tunnel

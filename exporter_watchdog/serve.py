@@ -20,6 +20,8 @@ from exporter_watchdog.act.procs import list_processes, live_members
 from exporter_watchdog.act.procs import read_cgroup as read_proc_cgroup
 from exporter_watchdog.act.statefile import active_profile, ensure_state_dir
 from exporter_watchdog.act.supervisor import Supervisor
+from exporter_watchdog.act.tunnel.connector import KILL_AFTER_GRACE, Connector
+from exporter_watchdog.act.tunnel.launch import build_connector, check_files
 from exporter_watchdog.config import Config, ConfigError, load_config
 from exporter_watchdog.core.model import JobSource
 from exporter_watchdog.daemon import Daemon
@@ -28,6 +30,7 @@ from exporter_watchdog.detect.runner import CommandRunner, run_command
 from exporter_watchdog.detect.scontrol import SlurmClient
 from exporter_watchdog.detect.squeue import SqueueJobs
 from exporter_watchdog.detect.watcher import CgroupWatcher
+from exporter_watchdog.metrics.connections import LoopFirst
 from exporter_watchdog.metrics.daemon import DaemonMetrics, SnapshotCollector, snapshot_owners
 from exporter_watchdog.metrics.exposition import Guarded
 from exporter_watchdog.metrics.gpm import GpmSampler
@@ -41,6 +44,11 @@ from exporter_watchdog.status import status_dict
 
 # /healthz turns 503 when the loop has not come round for this long (it wakes at least every rescan).
 STUCK_AFTER_MIN = 30.0
+# How long /metrics workers hold back after a job event: the loop detects, decides and signals in this time.
+JOB_EVENT_HOLD = 0.2
+SWITCH_INTERVAL = 0.001
+# The connector's output goes to <state_dir>/tunnel.log, rotated to tunnel.log.1 at this size.
+TUNNEL_LOG_MAX_BYTES = 10 * 2**20
 DEMO_DEFAULTS: dict[str, Any] = {
     "node.name": "demo-node", "node.gpus": 4, "claim.gpus": 2, "claim.cooldown_seconds": 5.0,
     "server.profile": "demo", "server.startup_timeout_seconds": 30.0,
@@ -144,6 +152,7 @@ def simulated_gpus_node(config: Config, late: LateDaemon) -> Node:
 
 
 def demo_node(config: Config, late: LateDaemon) -> Node:
+    from exporter_watchdog.demo.faults import FaultSwitch
     from exporter_watchdog.demo.gpus import SimulatedGpus, StubLoad
     from exporter_watchdog.demo.node import DemoNode, DemoReaper
 
@@ -155,13 +164,14 @@ def demo_node(config: Config, late: LateDaemon) -> Node:
     reaper.start()
     load = StubLoad(f"http://127.0.0.1:{config.server.port}/metrics")
     backend = SimulatedGpus(gpus, load=load, processes=late.processes_on)
+    faults = FaultSwitch(node.root, backend).start()  # `demo fault nvml` makes NVML fail
     logger.info("demo node {} with {} simulated GPUs; job cgroups under {}", config.node.name, gpus, node.cgroup_root)
 
     def read_cgroup(pid: int) -> list[str] | None:
         return node.read_cgroup(pid) or read_proc_cgroup(pid)
 
     return Node(gpus=gpus, cgroup_root=node.cgroup_root, runner=node.scontrol, backend=backend,
-                closers=[reaper.stop, node.clear], read_cgroup=read_cgroup)
+                closers=[reaper.stop, node.clear, faults.stop], read_cgroup=read_cgroup)
 
 
 def check_profile_or_fail(config: Config, node_gpus: int) -> None:
@@ -191,6 +201,9 @@ def serve(config_path: Path | None, *, demo: bool, listen: str | None, exporter_
     if demo and config.slurm.detect == "squeue":
         raise ConfigError(config.source, "slurm.detect", "squeue", "the demo node has no squeue; use inotify or poll")
     configure_logging(config.log_level)
+    # Threads hand the interpreter lock over every 1 ms instead of 5: a job event's thread waits less
+    # behind a busy /metrics worker (benchmarks/metrics_load.py).
+    sys.setswitchinterval(SWITCH_INTERVAL)
     ensure_state_dir(config.state_dir)
     late = LateDaemon()
     if node_factory is not None:
@@ -205,6 +218,8 @@ def serve(config_path: Path | None, *, demo: bool, listen: str | None, exporter_
         if demo:
             config = replace(config, slurm=replace(config.slurm, cgroup_root=node.cgroup_root))
         check_profile_or_fail(config, node.gpus)
+        if not config.exporter_only:
+            check_files(config)  # the tunnel's token or config file: exit 2 before anything starts
         return _run(config, config_path, node, late, demo=demo, listen=listen, exporter_only=exporter_only)
     finally:
         for close in reversed(node.closers):
@@ -221,19 +236,39 @@ def _run(config: Config, config_path: Path | None, node: Node, late: LateDaemon,
         record_path=config.state_dir / "server.json", log_path=config.state_dir / "server.log",
         term_timeout=config.server.stop_timeout_seconds, log_max_bytes=config.server.log_max_bytes,
     )
+    # The tunnel connector: a second supervisor with its own record, log and marker variable.
+    tunnel_supervisor = Supervisor(
+        record_path=config.state_dir / "tunnel.json", log_path=config.state_dir / "tunnel.log",
+        term_timeout=config.tunnel.grace_seconds + KILL_AFTER_GRACE, log_max_bytes=TUNNEL_LOG_MAX_BYTES,
+        marker_env="EXPORTER_WATCHDOG_TUNNEL",
+    )
+    connector = None
+    if config.tunnel.enabled and not config.exporter_only:
+        connector = Connector(
+            lambda: build_connector(config, config.state_dir), tunnel_supervisor,
+            HealthProbe(lambda: daemon.wake(), interval=1.0, timeout=2.0, name="tunnel connector"),
+            grace_seconds=config.tunnel.grace_seconds,
+        )
     slurm = SlurmClient(config.slurm.scontrol, config.node.name, node.runner, timeout=config.slurm.timeout_seconds)
+    loop_first = LoopFirst()
+
+    def job_event() -> None:
+        """A job came or went: /metrics workers hold back while the loop acts on it (a yield first)."""
+        loop_first.hold_for(JOB_EVENT_HOLD)
+        daemon.wake()
+
     # Exporter-only: no server, so no Slurm either; GPU owners come from NVML's process list.
     lister: SqueueJobs | None = None
     watcher: CgroupWatcher | SqueueJobs | None = None
     if not config.exporter_only and config.slurm.detect == "squeue":
         # No job cgroups on this node: squeue lists its jobs, and answers for itself while it cannot.
         watcher = lister = SqueueJobs(
-            config.slurm.squeue, config.node.name, node.runner, slurm, wake=lambda: daemon.wake(),
+            config.slurm.squeue, config.node.name, node.runner, slurm, wake=job_event,
             interval=config.slurm.squeue_interval_seconds, timeout=config.slurm.timeout_seconds,
         )
     elif not config.exporter_only:
         watcher = CgroupWatcher(
-            config.slurm.cgroup_root, config.node.name, wake=lambda: daemon.wake(), mode=config.slurm.detect,
+            config.slurm.cgroup_root, config.node.name, wake=job_event, mode=config.slurm.detect,
             poll_interval=config.slurm.poll_interval_seconds, replan_interval=config.slurm.rescan_seconds,
         )
     backend = node.backend
@@ -248,7 +283,7 @@ def _run(config: Config, config_path: Path | None, node: Node, late: LateDaemon,
         slurm=lister or slurm, watcher=watcher, supervisor=supervisor,
         scan_source=JobSource.SQUEUE if lister is not None else JobSource.CGROUP,
         health_factory=lambda wake: HealthProbe(wake, interval=1.0, timeout=2.0),
-        metrics=metrics, gpu_job_processes=gpu_jobs,
+        metrics=metrics, gpu_job_processes=gpu_jobs, connector=connector,
     )
 
     def server_pids() -> set[int]:
@@ -281,7 +316,7 @@ def _run(config: Config, config_path: Path | None, node: Node, late: LateDaemon,
     http = MetricsServer(
         config.metrics.listen, registry,
         status=lambda: status_dict(daemon.snapshot(), time.time()),
-        healthy=lambda: daemon.loop_alive(stuck_after),
+        healthy=lambda: daemon.loop_alive(stuck_after), loop_first=loop_first,
     )
     try:
         http.start()
@@ -293,6 +328,9 @@ def _run(config: Config, config_path: Path | None, node: Node, late: LateDaemon,
     except (ControlError, OSError) as exc:
         http.stop()
         raise StartupError(f"control socket: {exc}") from None
+    found = tunnel_supervisor.cleanup_orphan()
+    if found:
+        logger.warning("stopped {} process(es) of a tunnel connector left behind by an earlier daemon", found)
     found = supervisor.cleanup_orphan()
     if found:
         logger.warning("stopped {} process(es) of a server left behind by an earlier daemon", found)
