@@ -155,8 +155,8 @@ def parse_sacct(lines: Iterable[str], source: str = "(sacct)") -> Trace:
         if start is None or nodelist in ("", "None assigned", "(null)"):
             trace.skip("never started (pending, or cancelled before start)")
             continue
-        if end is not None and end <= start:
-            trace.skip("ran no time")
+        if end is not None and end < start:
+            trace.skip("ends before it starts")
             continue
         try:
             nodes = tuple(expand_hostlist(nodelist))
@@ -197,8 +197,8 @@ def parse_csv(lines: Iterable[str], source: str = "(csv)") -> Trace:
         if start is None:
             trace.skip("never started (pending, or cancelled before start)")
             continue
-        if end is not None and end <= start:
-            trace.skip("ran no time")
+        if end is not None and end < start:
+            trace.skip("ends before it starts")
             continue
         try:
             nodes = tuple(expand_hostlist(row[at["nodes"]]))

@@ -49,14 +49,16 @@ def test_sacct_lines_of_every_kind() -> None:
         "11_[4-9]|None assigned||Unknown|Unknown|PENDING",
         "12|None assigned||None|2026-10-01T00:20:00|CANCELLED by 0",
         "13|gpu005|cpu=1,mem=1G,node=1|2026-10-01T00:00:00|2026-10-01T00:00:00|FAILED",
+        "14|gpu005|cpu=1,mem=1G,node=1|2026-10-01T00:00:09|2026-10-01T00:00:00|FAILED",
     ], "t.sacct")
     assert [(j.job_id, j.nodes, j.gpus, j.end is None) for j in trace.jobs] == [
         ("10", ("gpu001", "gpu002", "gpu007"), (2, 2, 2), False),
         ("11_3", ("gpu004",), (1,), True),
+        ("13", ("gpu005",), (0,), False),  # ran under a second: sacct prints the same Start and End
     ]
     assert trace.jobs[0].end is not None and trace.jobs[0].end - trace.jobs[0].start == 3600
     assert trace.skipped == {"job steps (run sacct with -X)": 1,
-                             "never started (pending, or cancelled before start)": 2, "ran no time": 1}
+                             "never started (pending, or cancelled before start)": 2, "ends before it starts": 1}
 
 
 def test_sacct_without_header_and_with_trailing_separator() -> None:
