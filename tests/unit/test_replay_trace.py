@@ -160,3 +160,22 @@ def test_replay_bad_trace_names_the_file(tmp_path: Path, capsys: pytest.CaptureF
     trace.write_text("hello world\n")
     assert main(["replay", str(trace), "--cold-start", "1", "--gpus-per-node", "1"]) == 2
     assert f"{trace}: line 1" in capsys.readouterr().err
+
+
+def test_serve_policy_takes_the_start_rule_and_cold_start(tmp_path: Path) -> None:
+    from exporter_watchdog.config import load_config
+    from exporter_watchdog.daemon import policy_from
+    from exporter_watchdog.profiles import load_profile
+
+    profile_path = tmp_path / "m.yaml"
+    profile_path.write_text("name: m\nmodel: org/m\ncold_start_seconds: 240\n")
+    profile = load_profile(profile_path)
+    config_path = tmp_path / "c.yaml"
+    config_path.write_text("claim:\n  start_rule: learned\n")
+    policy = policy_from(load_config(config_path), 4, profile)
+    assert (policy.start_rule, policy.cold_start_seconds) == (StartRule.LEARNED, 240.0)
+    config_path.write_text("claim:\n  start_rule: learned\nserver:\n  cold_start_seconds: 90\n")
+    assert policy_from(load_config(config_path), 4, profile).cold_start_seconds == 90.0
+    config_path.write_text("claim:\n  start_rule: sometimes\n")
+    with pytest.raises(Exception, match="claim.start_rule = 'sometimes': expected one of always, learned"):
+        load_config(config_path)
