@@ -41,6 +41,8 @@ STUCK_AFTER_MIN = 30.0
 # How long /metrics workers hold back after a job event: the loop detects, decides and signals in this time.
 JOB_EVENT_HOLD = 0.2
 SWITCH_INTERVAL = 0.001
+# Scrapes this close together, with no loop iteration between them, share one /metrics rendering.
+SHARED_RENDER_SECONDS = 0.25
 DEMO_DEFAULTS: dict[str, Any] = {
     "node.name": "demo-node", "node.gpus": 4, "claim.gpus": 2, "claim.cooldown_seconds": 5.0,
     "server.profile": "demo", "server.startup_timeout_seconds": 30.0,
@@ -265,6 +267,7 @@ def _run(config: Config, config_path: Path | None, node: Node, late: LateDaemon,
         config.metrics.listen, registry,
         status=lambda: status_dict(daemon.snapshot(), time.time()),
         healthy=lambda: daemon.loop_alive(stuck_after), loop_first=loop_first,
+        render_key=daemon.snapshot, render_max_age=SHARED_RENDER_SECONDS,
     )
     try:
         http.start()
