@@ -167,7 +167,39 @@ def cmd_check(args: argparse.Namespace) -> int:
     if active and not (directory / f"{active}.yaml").is_file():
         print(f"\nactive profile {active!r}: no such profile in {directory}")
         failures += 1
+    if config.tunnel.enabled:
+        failures += _check_tunnel(config)
     return EXIT_USAGE if failures else EXIT_OK
+
+
+def _check_tunnel(config: Config) -> int:
+    """The connector's command line and the ingress it publishes (never the token); 1 on a problem."""
+    from exporter_watchdog.act.tunnel.launch import (
+        INGRESS_FILE,
+        check_files,
+        connector_argv,
+        ingress_rules,
+        public_url,
+        render_local_config,
+    )
+
+    print(f"\ntunnel: {public_url(config) or '(no tunnel.hostname)'}")
+    try:
+        check_files(config)
+    except ConfigError as exc:
+        print(f"  INVALID: {exc}")
+        return 1
+    local = config.tunnel.config_file is not None
+    print(f"  command: {shlex.join(connector_argv(config, config.state_dir / INGRESS_FILE if local else None))}")
+    if local:
+        print(f"  runs with {config.state_dir / INGRESS_FILE}, written at each start:")
+        print("    " + render_local_config(config).rstrip().replace("\n", "\n    "))
+        return 0
+    rules = json.dumps({"config": {"ingress": ingress_rules(config)}})
+    print("  dashboard-managed: Cloudflare pushes this tunnel's ingress; publish only the API by setting it to")
+    print(f"    {rules}")
+    print("  (PUT /accounts/ACCOUNT_ID/cfd_tunnel/TUNNEL_ID/configurations, or Terraform: see docs/tunnel.md)")
+    return 0
 
 
 # --- demo --------------------------------------------------------------------------------------------
@@ -299,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_llm_arguments(p)
     p.set_defaults(func=cmd_demo_llm)
+    from exporter_watchdog.demo import faults as demo_faults
+
+    demo_faults.register(demo_sub, _add_config, _demo_node)
 
     from exporter_watchdog import prolog, targets
     from exporter_watchdog.bench import command as bench

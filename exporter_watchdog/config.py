@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import socket
 from collections.abc import Callable, Mapping
@@ -14,6 +15,8 @@ import yaml
 
 ENV_CONFIG = "EXPORTER_WATCHDOG_CONFIG"
 SYSTEM_CONFIG = Path("/etc/exporter-watchdog/config.yaml")
+# cloudflared's own first choice when --metrics has no address, on loopback only.
+DEFAULT_TUNNEL_METRICS = "127.0.0.1:20241"
 
 
 class ConfigError(Exception):
@@ -87,6 +90,8 @@ class CudaConfig:
 class MetricsConfig:
     listen: str
     gpu_cache_seconds: float
+    hpc_job_mapping_dir: Path | None = None  # dcgm-exporter's job-mapping files, for hpc_job without Slurm
+    gpm_interval_seconds: float = 5.0  # GPM profiling sample interval; 0 turns GPM off
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,20 @@ class SlurmConfig:
     rescan_seconds: float
     squeue: tuple[str, ...] = ("squeue",)
     squeue_interval_seconds: float = 2.0
+
+
+@dataclass(frozen=True)
+class TunnelConfig:
+    """The Cloudflare tunnel connector the daemon runs while its server serves (see docs/tunnel.md)."""
+
+    enabled: bool = False
+    cloudflared: tuple[str, ...] = ("cloudflared",)
+    token_file: Path | None = None  # a dashboard-managed tunnel: passed as --token-file, never read here
+    config_file: Path | None = None  # a locally-managed tunnel: tunnel id and credentials-file
+    hostname: str | None = None
+    metrics: str = DEFAULT_TUNNEL_METRICS
+    grace_seconds: float = 30.0
+    allow_unauthenticated: bool = False
 
 
 @dataclass(frozen=True)
@@ -115,6 +134,7 @@ class Config:
     exporter_only: bool
     log_level: str
     tunnel_hostname: str | None = None
+    tunnel: TunnelConfig = field(default_factory=TunnelConfig)
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
 
@@ -229,6 +249,17 @@ def _env_map(v: Any) -> dict[str, str]:
     return out
 
 
+_HOSTNAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
+
+
+def _hostname(v: Any) -> str | None:
+    if v is None:
+        return None
+    if not isinstance(v, str) or not _HOSTNAME.match(v):
+        raise ValueError("expected a bare host name like llm.example.org (no scheme, port or path)")
+    return v
+
+
 def _log_level(v: Any) -> str:
     levels = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
     if not isinstance(v, str) or v.upper() not in levels:
@@ -262,6 +293,8 @@ SCHEMA: dict[str, tuple[Any, Check]] = {
     "cuda.library_paths": ([], _path_list),
     "metrics.listen": ("0.0.0.0:9400", _listen),
     "metrics.gpu_cache_seconds": (1.0, _float()),
+    "metrics.hpc_job_mapping_dir": (None, _path()),
+    "metrics.gpm_interval_seconds": (5.0, _float()),
     "slurm.cgroup_root": ("/sys/fs/cgroup", _path(nullable=False)),
     "slurm.scontrol": ("scontrol", _argv),
     "slurm.timeout_seconds": (2.0, _float(positive=True)),
@@ -272,7 +305,14 @@ SCHEMA: dict[str, tuple[Any, Check]] = {
     "slurm.rescan_seconds": (5.0, _float(positive=True)),
     "state_dir": (None, _path()),
     "control.socket": (None, _path()),
-    "tunnel.hostname": (None, _str(nullable=True)),
+    "tunnel.enabled": (False, _bool),
+    "tunnel.cloudflared": ("cloudflared", _argv),
+    "tunnel.token_file": (None, _path()),
+    "tunnel.config_file": (None, _path()),
+    "tunnel.hostname": (None, _hostname),
+    "tunnel.metrics": (DEFAULT_TUNNEL_METRICS, _listen),
+    "tunnel.grace_seconds": (30.0, _float()),
+    "tunnel.allow_unauthenticated": (False, _bool),
     "exporter_only": (False, _bool),
     "log.level": ("INFO", _log_level),
 }
@@ -364,6 +404,7 @@ def _build(v: dict[str, Any], source: str, raw: Mapping[str, Any]) -> Config:
             source, "server.backoff_max_seconds", v["server.backoff_max_seconds"],
             "must be >= server.backoff_initial_seconds",
         )
+    tunnel = _tunnel(v, source)
     state_dir = v["state_dir"] or default_state_dir()
     control_socket = v["control.socket"] or state_dir / "control.sock"
     if len(str(control_socket)) > 100:
@@ -383,7 +424,9 @@ def _build(v: dict[str, Any], source: str, raw: Mapping[str, Any]) -> Config:
             cold_start_seconds=v["server.cold_start_seconds"],
         ),
         cuda=CudaConfig(home=v["cuda.home"], version=v["cuda.version"], library_paths=v["cuda.library_paths"]),
-        metrics=MetricsConfig(listen=v["metrics.listen"], gpu_cache_seconds=v["metrics.gpu_cache_seconds"]),
+        metrics=MetricsConfig(listen=v["metrics.listen"], gpu_cache_seconds=v["metrics.gpu_cache_seconds"],
+                              hpc_job_mapping_dir=v["metrics.hpc_job_mapping_dir"],
+                              gpm_interval_seconds=v["metrics.gpm_interval_seconds"]),
         slurm=SlurmConfig(
             cgroup_root=v["slurm.cgroup_root"], scontrol=v["slurm.scontrol"],
             timeout_seconds=v["slurm.timeout_seconds"], detect=v["slurm.detect"],
@@ -395,5 +438,38 @@ def _build(v: dict[str, Any], source: str, raw: Mapping[str, Any]) -> Config:
         exporter_only=v["exporter_only"],
         log_level=v["log.level"],
         tunnel_hostname=v["tunnel.hostname"],
+        tunnel=tunnel,
         raw=raw,
     )
+
+
+def _tunnel(v: dict[str, Any], source: str) -> TunnelConfig:
+    """The tunnel section; with enabled: true it must say how to reach Cloudflare, and the API needs a key."""
+    tunnel = TunnelConfig(
+        enabled=v["tunnel.enabled"], cloudflared=v["tunnel.cloudflared"], token_file=v["tunnel.token_file"],
+        config_file=v["tunnel.config_file"], hostname=v["tunnel.hostname"], metrics=v["tunnel.metrics"],
+        grace_seconds=v["tunnel.grace_seconds"], allow_unauthenticated=v["tunnel.allow_unauthenticated"],
+    )
+    if not tunnel.enabled:
+        return tunnel
+    if tunnel.token_file is not None and tunnel.config_file is not None:
+        raise ConfigError(source, "tunnel.config_file", str(tunnel.config_file),
+                          "set tunnel.token_file (dashboard-managed tunnel) or tunnel.config_file "
+                          "(locally-managed tunnel), not both")
+    if tunnel.token_file is None and tunnel.config_file is None:
+        raise ConfigError(source, "tunnel.token_file", None,
+                          "tunnel.enabled is true: set tunnel.token_file (dashboard-managed tunnel) or "
+                          "tunnel.config_file (locally-managed tunnel)")
+    if tunnel.config_file is not None and tunnel.hostname is None:
+        raise ConfigError(source, "tunnel.hostname", None,
+                          "a locally-managed tunnel (tunnel.config_file) needs the public hostname for its ingress")
+    port = int(tunnel.metrics.rpartition(":")[2])
+    if port == 0:
+        raise ConfigError(source, "tunnel.metrics", tunnel.metrics,
+                          "needs a fixed port: the daemon reads the connector's /ready there")
+    if v["server.api_key_file"] is None and not tunnel.allow_unauthenticated:
+        raise ConfigError(source, "tunnel.enabled", True,
+                          "publishes the server's API, but server.api_key_file is not set: set "
+                          "server.api_key_file (vLLM then requires the key on /v1/*), or "
+                          "tunnel.allow_unauthenticated: true to publish it without a key")
+    return tunnel

@@ -23,10 +23,13 @@ from exporter_watchdog.core.model import (
     Policy,
     ServerObs,
     Snapshot,
+    StartConnector,
     StartRule,
     StartServer,
     State,
+    StopConnector,
     StopServer,
+    TunnelObs,
 )
 from exporter_watchdog.metrics.daemon import DaemonMetrics
 from exporter_watchdog.profiles import LaunchSpec, Profile, ProfileError, build_launch, check_runnable, find_profile
@@ -38,6 +41,8 @@ FAST_TICK = 0.5
 PROLOG_TTL = 300.0
 # Do not ask Slurm about the same unresolved job more often than this (it may be down).
 REQUERY_SECONDS = 1.0
+# While the tunnel connector drains or waits to (re)start, the loop looks at it this often.
+TUNNEL_TICK = 0.1
 
 
 class JobQueryLike(Protocol):
@@ -77,6 +82,17 @@ class HealthLike(Protocol):
     def close(self) -> None: ...
 
 
+class ConnectorLike(Protocol):
+    @property
+    def stopping(self) -> bool: ...
+    @property
+    def restarts(self) -> int: ...
+    def start(self) -> bool: ...
+    def stop(self) -> None: ...
+    def observe(self) -> TunnelObs: ...
+    def close(self, timeout: float | None = None) -> None: ...
+
+
 @dataclass
 class _Release:
     """A prolog asked for GPUs; answered once none of them is ours any more."""
@@ -99,6 +115,7 @@ def policy_from(config: Config, node_gpus: int, profile: Profile | None) -> Poli
         backoff_max_seconds=config.server.backoff_max_seconds,
         start_rule=StartRule(config.claim.start_rule),
         cold_start_seconds=cold_start_seconds(config, profile) or 0.0,
+        tunnel_grace_seconds=config.tunnel.grace_seconds,
     )
 
 
@@ -128,6 +145,7 @@ class Daemon:
         wall: Callable[[], float] = time.time,
         profile_loader: Callable[[str], Profile] | None = None,
         scan_source: JobSource = JobSource.CGROUP,
+        connector: ConnectorLike | None = None,
     ) -> None:
         self.config = config
         self.node_gpus = node_gpus
@@ -136,6 +154,9 @@ class Daemon:
         self._slurm = slurm
         self._watcher = watcher
         self._supervisor = supervisor
+        self._connector = connector  # the tunnel connector, when tunnel.enabled
+        self._shutting_down = False
+        self._tunnel = TunnelObs(enabled=connector is not None)
         self._metrics = metrics
         self._gpu_job_processes = gpu_job_processes
         self._clock = clock
@@ -156,6 +177,7 @@ class Daemon:
         self.state = State(phase_since=clock())
         self.policy = policy_from(config, node_gpus, None)
         self._known: dict[str, frozenset[int] | None] = {}  # job id -> GPUs (None: Slurm did not say)
+        self._job_owner: dict[str, tuple[str | None, str | None]] = {}  # job id -> (user, partition), for metrics
         self._last_query: dict[str, float] = {}
         self._launch: LaunchSpec | None = None
         self._start_failed: str | None = None
@@ -238,13 +260,25 @@ class Daemon:
 
     def run(self) -> None:
         """Loop until request_stop(); stops the server before returning."""
+        deadline = None
         try:
             while True:
                 with self._lock:
                     stopping = self._stop_requested
                 if stopping:
-                    break
+                    if not self._connector_running():
+                        break
+                    # A running connector drains first (the core decides; jobs still get their GPUs at
+                    # once), then the server stops; bounded in case something does not go.
+                    if deadline is None:
+                        self._shutting_down = True
+                        deadline = self._clock() + self.config.tunnel.grace_seconds + 5.0
+                    elif self._clock() >= deadline:
+                        logger.warning("shutdown: the tunnel connector's drain did not finish in time")
+                        break
                 self.tick()
+                if self._shutting_down and not self._connector_running() and not self._supervisor.poll().running:
+                    break
                 self._wake.wait(self._next_timeout())
         finally:
             self._shutdown()
@@ -265,6 +299,10 @@ class Daemon:
                 rerun = True
             elif isinstance(action, StartServer):
                 self._start_server(action)
+            elif isinstance(action, StopConnector) and self._connector is not None:
+                self._connector.stop()  # SIGTERM only: never waits for the drain
+            elif isinstance(action, StartConnector) and self._connector is not None:
+                self._connector.start()
         self._account(now, obs)
         self._heartbeat = self._clock()
         self._publish(obs.server)
@@ -278,7 +316,16 @@ class Daemon:
             timeout = min(timeout, FAST_TICK)
         if self.state.phase == Phase.IDLE and self.state.free_since is not None:
             timeout = min(timeout, FAST_TICK)
+        if self._connector is not None:
+            if self._connector.stopping or self.state.drain_until is not None or self._shutting_down:
+                timeout = min(timeout, TUNNEL_TICK)  # a drain ends: the server's stop may be waiting on it
+            elif self.state.phase == Phase.SERVING and not self._tunnel.running:
+                # A connector to restart once its backoff is over.
+                timeout = min(timeout, max(self.state.connector_backoff_until - self._clock(), TUNNEL_TICK))
         return timeout
+
+    def _connector_running(self) -> bool:
+        return self._connector is not None and self._tunnel.running
 
     # --- observe ---------------------------------------------------------------------------------
 
@@ -289,11 +336,14 @@ class Daemon:
         for job_id in dirs:
             gpus = self._known.get(job_id)
             seen = (self._watcher.first_seen(job_id) if self._watcher else None) or now
-            jobs.append(Job(job_id=job_id, gpus=gpus, seen_at=seen, source=self._scan_source))
+            user, partition = self._job_owner.get(job_id, (None, None))
+            jobs.append(Job(job_id=job_id, gpus=gpus, seen_at=seen, source=self._scan_source, user=user,
+                            partition=partition))
         gone = [j for j in self._known if j not in dirs]
         for job_id in gone:
             self._known.pop(job_id, None)
             self._last_query.pop(job_id, None)
+            self._job_owner.pop(job_id, None)
         if gone and self._watcher is not None:
             self._watcher.forget(gone)
         if gone:
@@ -340,9 +390,12 @@ class Daemon:
             restart = self._restart_requested
             self._restart_requested = False
         self._last_jobs = tuple(jobs)
+        if self._connector is not None:
+            self._tunnel = self._connector.observe()
         return Observation(
             node_gpus=self.node_gpus, jobs=tuple(jobs), server=server,
             restart_requested=restart, disabled_reason=self.disabled_reason,
+            tunnel=self._tunnel, shutdown=self._shutting_down,
         )
 
     def _needs_query(self, job_id: str, now: float) -> bool:
@@ -365,6 +418,10 @@ class Daemon:
             self._last_query[job_id] = answered
             self._metrics.slurm_query(result.duration, result.error is None)
             self._known[job_id] = result.gpus
+            # Fakes of the Slurm client may not say who runs the job: the labels then stay empty.
+            user, partition = getattr(result, "user", None), getattr(result, "partition", None)
+            if user or partition:
+                self._job_owner[job_id] = (user, partition)
             if first:
                 self._metrics.job_seen()
                 seen = (self._watcher.first_seen(job_id) if self._watcher else None) or now
@@ -449,12 +506,14 @@ class Daemon:
             ("slurm.cgroup_root", old.slurm.cgroup_root, config.slurm.cgroup_root),
             ("slurm.detect", old.slurm.detect, config.slurm.detect),
             ("node.name", old.node.name, config.node.name),
+            ("tunnel", old.tunnel, config.tunnel),
         ):
             if before != after:
                 logger.warning("{} changed ({} -> {}): takes effect after a restart of the daemon", key, before, after)
         config = replace(
             config, metrics=old.metrics, state_dir=old.state_dir, control_socket=old.control_socket,
             slurm=replace(config.slurm, cgroup_root=old.slurm.cgroup_root, detect=old.slurm.detect), node=old.node,
+            tunnel=old.tunnel, tunnel_hostname=old.tunnel_hostname,
         )
         self.config = config
         logger.info("config reloaded from {}", config.source)
@@ -527,7 +586,14 @@ class Daemon:
         extra = {}
         if self._launch is not None and pid:
             extra["server_argv"] = " ".join(self._launch.argv)
+        tunnel = self._tunnel
         return Snapshot(
+            tunnel_enabled=self._connector is not None,
+            tunnel_state=self._tunnel_state(tunnel),
+            tunnel_pid=tunnel.pid if tunnel.running else None,
+            tunnel_ready=tunnel.ready,
+            tunnel_url=f"https://{self.config.tunnel.hostname}" if self.config.tunnel.hostname else None,
+            tunnel_restarts=self._connector.restarts if self._connector is not None else 0,
             node=self.config.node.name,
             phase=self.state.phase,
             node_gpus=self.node_gpus,
@@ -550,11 +616,26 @@ class Daemon:
             extra=extra,
         )
 
+    def _tunnel_state(self, tunnel: TunnelObs) -> str:
+        if self._connector is None:
+            return "disabled"
+        if tunnel.stopping:
+            return "draining"
+        if tunnel.running:
+            return "ready" if tunnel.ready else "connecting"
+        if self.state.phase == Phase.SERVING and self.state.connector_crashes:
+            return "backoff"
+        return "stopped"
+
     def _shutdown(self) -> None:
         logger.info("shutting down")
         if self._watcher is not None:
             self._watcher.stop()
         self._health.watch(None)
+        if self._connector is not None:
+            # Whatever the loop did not finish: the connector goes before the server, always.
+            self._connector.close()
+            self._tunnel = TunnelObs(enabled=True)
         if self._supervisor.pid is not None or self._supervisor.poll().running:
             self._supervisor.stop(self.config.server.stop_timeout_seconds)
         self._health.close()

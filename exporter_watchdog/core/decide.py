@@ -6,6 +6,7 @@ from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
+from exporter_watchdog.core.connector import with_connector
 from exporter_watchdog.core.model import (
     Action,
     CountConflict,
@@ -101,6 +102,13 @@ def gpu_owners(state: State, obs: Observation, policy: Policy) -> dict[int, Owne
 
 def decide(state: State, obs: Observation, now: float, policy: Policy) -> tuple[State, list[Action]]:
     """One step of the policy: what to do about what we just saw."""
+    if obs.tunnel.enabled or obs.shutdown:
+        return with_connector(state, obs, now, policy, _decide_server)
+    return _decide_server(state, obs, now, policy)
+
+
+def _decide_server(state: State, obs: Observation, now: float, policy: Policy) -> tuple[State, list[Action]]:
+    """The server's policy; the tunnel connector's is wrapped around it (core/connector.py)."""
     if state.conflicted_jobs:  # forget jobs that are gone (skipped when none: decide runs often in a replay)
         live_ids = frozenset(j.job_id for j in obs.jobs)
         if not state.conflicted_jobs <= live_ids:
