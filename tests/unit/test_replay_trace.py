@@ -179,3 +179,19 @@ def test_serve_policy_takes_the_start_rule_and_cold_start(tmp_path: Path) -> Non
     config_path.write_text("claim:\n  start_rule: sometimes\n")
     with pytest.raises(Exception, match="claim.start_rule = 'sometimes': expected one of always, learned"):
         load_config(config_path)
+
+
+def test_replay_defaults_to_the_cold_start_the_daemon_measured(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from exporter_watchdog.act.statefile import record_cold_start
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"state_dir: {tmp_path / 'state'}\nserver:\n  profile: demo\n")
+    trace = tmp_path / "t.csv"
+    trace.write_text("job_id,nodes,gpus,start,end\na,n1,4,0,100\nb,n1,4,1000,1001\n")
+    record_cold_start(tmp_path / "state", "demo", 250.0)
+    assert main(["replay", str(trace), "-c", str(config), "--gpus-per-node", "4", "--claim", "4", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["settings"]["cold_start"] == 250.0
+    # Free from 100 to 1000, ready 250 s after the start: 4 GPUs x 650 s.
+    assert doc["summary"]["harvested_gpu_hours"] == pytest.approx(4 * 650 / 3600, abs=1e-3)
