@@ -128,6 +128,20 @@ def test_switch_drains_the_connector_before_the_server_stops(tunnel_daemon: Tunn
     assert server_term and exits[0]["mono"] < server_term[0]["mono"]  # and only then the server stopped
 
 
+def test_a_reload_that_restarts_the_server_drains_the_connector_first(tunnel_daemon: TunnelDaemon) -> None:
+    started(tunnel_daemon)
+    connector = tunnel_daemon.connector_events("start")[0]["pid"]
+    first_server = tunnel_daemon.status()["server_pid"]  # type: ignore[index]
+    tunnel_daemon.rewrite_config(server={"extra_args": ["--max-tokens", "64"]})  # a new server command line
+    tunnel_daemon.signal(signal.SIGHUP)
+    doc = tunnel_daemon.wait_status(lambda d: d["server_pid"] not in (None, first_server) and d["server_ready"]
+                                    and d["tunnel"]["state"] == "ready", 40, "the restarted server with a tunnel")
+    assert "--max-tokens 64" in doc["server_argv"]
+    exits = [e for e in tunnel_daemon.connector_events("exit") if e["pid"] == connector]
+    server_term = tunnel_daemon.server_signals()
+    assert exits and exits[0]["drained"] and server_term and exits[0]["mono"] < server_term[0]["mono"]
+
+
 def test_a_killed_connector_is_restarted_while_the_server_keeps_serving(tunnel_daemon: TunnelDaemon) -> None:
     started(tunnel_daemon)
     server = tunnel_daemon.status()["server_pid"]  # type: ignore[index]
