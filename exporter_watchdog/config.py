@@ -90,6 +90,8 @@ class CudaConfig:
 class MetricsConfig:
     listen: str
     gpu_cache_seconds: float
+    hpc_job_mapping_dir: Path | None = None  # dcgm-exporter's job-mapping files, for hpc_job without Slurm
+    gpm_interval_seconds: float = 5.0  # GPM profiling sample interval; 0 turns GPM off
 
 
 @dataclass(frozen=True)
@@ -291,6 +293,8 @@ SCHEMA: dict[str, tuple[Any, Check]] = {
     "cuda.library_paths": ([], _path_list),
     "metrics.listen": ("0.0.0.0:9400", _listen),
     "metrics.gpu_cache_seconds": (1.0, _float()),
+    "metrics.hpc_job_mapping_dir": (None, _path()),
+    "metrics.gpm_interval_seconds": (5.0, _float()),
     "slurm.cgroup_root": ("/sys/fs/cgroup", _path(nullable=False)),
     "slurm.scontrol": ("scontrol", _argv),
     "slurm.timeout_seconds": (2.0, _float(positive=True)),
@@ -420,7 +424,9 @@ def _build(v: dict[str, Any], source: str, raw: Mapping[str, Any]) -> Config:
             cold_start_seconds=v["server.cold_start_seconds"],
         ),
         cuda=CudaConfig(home=v["cuda.home"], version=v["cuda.version"], library_paths=v["cuda.library_paths"]),
-        metrics=MetricsConfig(listen=v["metrics.listen"], gpu_cache_seconds=v["metrics.gpu_cache_seconds"]),
+        metrics=MetricsConfig(listen=v["metrics.listen"], gpu_cache_seconds=v["metrics.gpu_cache_seconds"],
+                              hpc_job_mapping_dir=v["metrics.hpc_job_mapping_dir"],
+                              gpm_interval_seconds=v["metrics.gpm_interval_seconds"]),
         slurm=SlurmConfig(
             cgroup_root=v["slurm.cgroup_root"], scontrol=v["slurm.scontrol"],
             timeout_seconds=v["slurm.timeout_seconds"], detect=v["slurm.detect"],

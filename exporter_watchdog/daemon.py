@@ -177,6 +177,7 @@ class Daemon:
         self.state = State(phase_since=clock())
         self.policy = policy_from(config, node_gpus, None)
         self._known: dict[str, frozenset[int] | None] = {}  # job id -> GPUs (None: Slurm did not say)
+        self._job_owner: dict[str, tuple[str | None, str | None]] = {}  # job id -> (user, partition), for metrics
         self._last_query: dict[str, float] = {}
         self._launch: LaunchSpec | None = None
         self._start_failed: str | None = None
@@ -335,11 +336,14 @@ class Daemon:
         for job_id in dirs:
             gpus = self._known.get(job_id)
             seen = (self._watcher.first_seen(job_id) if self._watcher else None) or now
-            jobs.append(Job(job_id=job_id, gpus=gpus, seen_at=seen, source=self._scan_source))
+            user, partition = self._job_owner.get(job_id, (None, None))
+            jobs.append(Job(job_id=job_id, gpus=gpus, seen_at=seen, source=self._scan_source, user=user,
+                            partition=partition))
         gone = [j for j in self._known if j not in dirs]
         for job_id in gone:
             self._known.pop(job_id, None)
             self._last_query.pop(job_id, None)
+            self._job_owner.pop(job_id, None)
         if gone and self._watcher is not None:
             self._watcher.forget(gone)
         if gone:
@@ -414,6 +418,10 @@ class Daemon:
             self._last_query[job_id] = answered
             self._metrics.slurm_query(result.duration, result.error is None)
             self._known[job_id] = result.gpus
+            # Fakes of the Slurm client may not say who runs the job: the labels then stay empty.
+            user, partition = getattr(result, "user", None), getattr(result, "partition", None)
+            if user or partition:
+                self._job_owner[job_id] = (user, partition)
             if first:
                 self._metrics.job_seen()
                 seen = (self._watcher.first_seen(job_id) if self._watcher else None) or now

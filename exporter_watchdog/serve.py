@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
@@ -16,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from exporter_watchdog.act.control import ControlError, ControlServer
 from exporter_watchdog.act.health import HealthProbe
 from exporter_watchdog.act.procs import list_processes, live_members
+from exporter_watchdog.act.procs import read_cgroup as read_proc_cgroup
 from exporter_watchdog.act.statefile import active_profile, ensure_state_dir
 from exporter_watchdog.act.supervisor import Supervisor
 from exporter_watchdog.act.tunnel.connector import KILL_AFTER_GRACE, Connector
@@ -31,10 +33,12 @@ from exporter_watchdog.detect.watcher import CgroupWatcher
 from exporter_watchdog.metrics.connections import LoopFirst
 from exporter_watchdog.metrics.daemon import DaemonMetrics, SnapshotCollector, snapshot_owners
 from exporter_watchdog.metrics.exposition import Guarded
+from exporter_watchdog.metrics.gpm import GpmSampler
 from exporter_watchdog.metrics.gpu import GpuCollector, XidWatcher
 from exporter_watchdog.metrics.http import MetricsServer
+from exporter_watchdog.metrics.jobs import JobInfoCollector, JobMap
 from exporter_watchdog.metrics.nvml import GpuBackend, GpuUnavailable, NvmlBackend
-from exporter_watchdog.metrics.ownership import slurm_job_processes_on
+from exporter_watchdog.metrics.ownership import CgroupReader, slurm_job_processes_on
 from exporter_watchdog.profiles import ProfileError, check_runnable, find_profile, models_dir
 from exporter_watchdog.status import status_dict
 
@@ -43,6 +47,8 @@ STUCK_AFTER_MIN = 30.0
 # How long /metrics workers hold back after a job event: the loop detects, decides and signals in this time.
 JOB_EVENT_HOLD = 0.2
 SWITCH_INTERVAL = 0.001
+# Scrapes this close together, with no loop iteration between them, share one /metrics rendering.
+SHARED_RENDER_SECONDS = 0.25
 # The connector's output goes to <state_dir>/tunnel.log, rotated to tunnel.log.1 at this size.
 TUNNEL_LOG_MAX_BYTES = 10 * 2**20
 DEMO_DEFAULTS: dict[str, Any] = {
@@ -92,6 +98,15 @@ class LateDaemon:
             return [(snap.server_pid, 20 << 30)]
         return []
 
+    def processes_on(self, gpu: int) -> list[tuple[int, int]]:
+        """The server's process, and one simulated process (6 GiB) of each demo job that holds the GPU."""
+        from exporter_watchdog.demo.node import job_pid
+
+        procs = self.server_on(gpu)
+        if self.daemon is not None:
+            procs += [(job_pid(j.job_id), 6 << 30) for j in self.daemon.snapshot().jobs
+                      if j.gpus and gpu in j.gpus and j.job_id.isdigit()]
+        return procs
 
 
 @dataclass
@@ -103,6 +118,7 @@ class Node:
     runner: CommandRunner
     backend: GpuBackend | None
     closers: list[Any] = field(default_factory=list)
+    read_cgroup: CgroupReader = read_proc_cgroup  # /proc/PID/cgroup, or the demo's for its simulated jobs
 
 
 def real_node(config: Config) -> Node:
@@ -149,11 +165,15 @@ def demo_node(config: Config, late: LateDaemon) -> Node:
     reaper = DemoReaper(node)
     reaper.start()
     load = StubLoad(f"http://127.0.0.1:{config.server.port}/metrics")
-    backend = SimulatedGpus(gpus, load=load, processes=late.server_on)
+    backend = SimulatedGpus(gpus, load=load, processes=late.processes_on)
     faults = FaultSwitch(node.root, backend).start()  # `demo fault nvml` makes NVML fail
     logger.info("demo node {} with {} simulated GPUs; job cgroups under {}", config.node.name, gpus, node.cgroup_root)
+
+    def read_cgroup(pid: int) -> list[str] | None:
+        return node.read_cgroup(pid) or read_proc_cgroup(pid)
+
     return Node(gpus=gpus, cgroup_root=node.cgroup_root, runner=node.scontrol, backend=backend,
-                closers=[reaper.stop, node.clear, faults.stop])
+                closers=[reaper.stop, node.clear, faults.stop], read_cgroup=read_cgroup)
 
 
 def check_profile_or_fail(config: Config, node_gpus: int) -> None:
@@ -177,7 +197,8 @@ def check_profile_or_fail(config: Config, node_gpus: int) -> None:
 
 
 def serve(config_path: Path | None, *, demo: bool, listen: str | None, exporter_only: bool,
-          simulated_gpus: bool = False) -> int:
+          simulated_gpus: bool = False, node_factory: Callable[[Config], Node] | None = None) -> int:
+    """Run the daemon; `node_factory` builds the node's hardware side in place of NVML (a test's fake GPUs)."""
     config = load_serve_config(config_path, demo=demo, listen=listen, exporter_only=exporter_only)
     if demo and config.slurm.detect == "squeue":
         raise ConfigError(config.source, "slurm.detect", "squeue", "the demo node has no squeue; use inotify or poll")
@@ -187,7 +208,9 @@ def serve(config_path: Path | None, *, demo: bool, listen: str | None, exporter_
     sys.setswitchinterval(SWITCH_INTERVAL)
     ensure_state_dir(config.state_dir)
     late = LateDaemon()
-    if demo:
+    if node_factory is not None:
+        node = node_factory(config)
+    elif demo:
         node = demo_node(config, late)
     elif simulated_gpus:
         node = simulated_gpus_node(config, late)
@@ -271,19 +294,32 @@ def _run(config: Config, config_path: Path | None, node: Node, late: LateDaemon,
 
     registry.register(Guarded(SnapshotCollector(daemon.snapshot), "snapshot"))
     late.daemon = daemon
+    # hpc_job: the daemon's own job->GPU map (not in exporter-only mode: no Slurm there), and the
+    # site's mapping files where configured.
+    mapping_dir = config.metrics.hpc_job_mapping_dir
+    if mapping_dir is not None and not mapping_dir.is_dir():
+        logger.warning("metrics.hpc_job_mapping_dir {} does not exist (yet); hpc_job from it once it does", mapping_dir)
+    jobs = JobMap(None if config.exporter_only else daemon.snapshot, mapping_dir)
+    registry.register(Guarded(JobInfoCollector(jobs), "job_info"))
     xids: XidWatcher | None = None
+    gpm: GpmSampler | None = None
     if backend is not None:
         xids = XidWatcher(backend).start()
-        registry.register(GpuCollector(
-            backend, config.node.name,
-            owners=None if config.exporter_only else snapshot_owners(daemon.snapshot),
-            server_pids=server_pids, cache_seconds=config.metrics.gpu_cache_seconds, xids=xids,
-        ))
+        if config.metrics.gpm_interval_seconds > 0:
+            gpm = GpmSampler(backend, config.metrics.gpm_interval_seconds).start()
+    # Registered with or without NVML: ownership and the node's GPUs (as down) come from the daemon.
+    registry.register(GpuCollector(
+        backend, config.node.name,
+        owners=None if config.exporter_only else snapshot_owners(daemon.snapshot),
+        server_pids=server_pids, cache_seconds=config.metrics.gpu_cache_seconds, xids=xids,
+        read_cgroup=node.read_cgroup, node_gpus=node.gpus, jobs=jobs, gpm=gpm,
+    ))
     stuck_after = max(STUCK_AFTER_MIN, 3 * config.slurm.rescan_seconds + 2 * config.server.stop_timeout_seconds)
     http = MetricsServer(
         config.metrics.listen, registry,
         status=lambda: status_dict(daemon.snapshot(), time.time()),
         healthy=lambda: daemon.loop_alive(stuck_after), loop_first=loop_first,
+        render_key=daemon.snapshot, render_max_age=SHARED_RENDER_SECONDS,
     )
     try:
         http.start()
@@ -329,6 +365,8 @@ def _run(config: Config, config_path: Path | None, node: Node, late: LateDaemon,
         http.stop()
         if xids is not None:
             xids.stop()
+        if gpm is not None:
+            gpm.stop()
     logger.info("stopped")
     return 0
 

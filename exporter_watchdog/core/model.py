@@ -64,6 +64,8 @@ class Job:
     gpus: frozenset[int] | None
     seen_at: float  # monotonic time of the first signal (cgroup event, prolog request, GPU process)
     source: JobSource = JobSource.CGROUP
+    user: str | None = None  # from Slurm's answer, for exporter_watchdog_gpu_job_info
+    partition: str | None = None
 
 
 @dataclass(frozen=True)
