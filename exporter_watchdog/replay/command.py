@@ -150,6 +150,9 @@ def _replay(args: argparse.Namespace) -> int:
     trace = read_trace(Path(args.trace), args.format)
     if not trace.jobs:
         raise UsageError(f"{args.trace}: no job ran in this trace (skipped: {trace.skipped or 'none'})")
+    if not any(any(job.gpus) for job in trace.jobs):
+        raise UsageError(f"{args.trace}: no job holds a GPU (AllocTRES has no gres/gpu: Slurm accounts GPUs only "
+                         "with AccountingStorageTRES=gres/gpu in slurm.conf)")
     if args.sinfo:
         node_gpus = read_sinfo(Path(args.sinfo))
         unknown = sorted({n for job in trace.jobs for n in job.nodes} - set(node_gpus))
