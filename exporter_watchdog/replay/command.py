@@ -41,10 +41,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `replay` subcommand."""
     p = subparsers.add_parser(
         "replay", help="predict what the daemon would harvest on a cluster's own job history",
-        description="Replay a job history through the daemon's own decision core on a simulated clock, per "
-                    "node, and report idle, harvested and clairvoyant GPU-hours, starts, yields and wasted "
-                    f"starts. Get the history with:  {SACCT_COMMAND}   and the nodes with:  "
-                    "sinfo -N -h -o '%N %G' > nodes.txt",
+        description="Replay a job history through the daemon's own decision core on a simulated clock, node by\n"
+                    "node, and report idle, harvested and clairvoyant GPU-hours, starts, yields and wasted starts.\n\n"
+                    f"The history:  {SACCT_COMMAND}\n"
+                    "The nodes:    sinfo -N -h -o '%N %G' > nodes.txt\n"
+                    "Slurm accounts GPUs only with AccountingStorageTRES=gres/gpu. See docs/replay.md.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("trace", metavar="TRACE", help="`sacct -P` output or a CSV (job_id,nodes,gpus,start,end)")
     p.add_argument("--config", "-c", metavar="PATH", help="the daemon's config: policy and cold start defaults")
