@@ -35,6 +35,7 @@ def status_dict(snap: Snapshot, wall_now: float) -> dict[str, Any]:
         "server_ready": snap.server_ready,
         "server_uptime_seconds": uptime,
         "server_argv": snap.extra.get("server_argv"),
+        "stop_method": snap.extra.get("stop_method"),
         "last_yield": last_yield,
         "crashes": snap.crashes,
         "disabled_reason": snap.disabled_reason,
@@ -77,6 +78,8 @@ def render_status(doc: dict[str, Any]) -> str:
             if doc["server_pid"] else "not running"
         ),
     ]
+    if doc.get("stop_method"):
+        lines.append(f"stops by:    {doc['stop_method']}")
     last = doc.get("last_yield")
     if last:
         lines.append(
