@@ -103,7 +103,7 @@ def _release(config: Config, job: str, gpus: list[int], deadline: float, daemon_
 
 def _failsafe(config: Config, job: str, gpus: list[int], deadline: float, log_file: Path | None) -> None:
     from exporter_watchdog.act.failsafe import stop_for_job
-    from exporter_watchdog.act.supervisor import MARKER_ENV, RECORD_NAME
+    from exporter_watchdog.act.record import MARKER_ENV, RECORD_NAME
 
     outcome = stop_for_job(config.state_dir / RECORD_NAME, MARKER_ENV, set(gpus), deadline - time.monotonic())
     _log(log_file, f"job {job}: {outcome.message}")

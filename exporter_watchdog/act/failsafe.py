@@ -16,7 +16,7 @@ from pathlib import Path
 
 from exporter_watchdog.act import procs
 from exporter_watchdog.act.reaper import reap_record
-from exporter_watchdog.act.record import ServerRecord, load_record
+from exporter_watchdog.act.record import RECORD_ENV, ServerRecord, load_record
 
 # SIGTERM first, SIGKILL after this: the job is waiting, and a hung daemon's server gets no better.
 TERM_GRACE = 1.0
@@ -42,8 +42,8 @@ def _gpus_of(env: dict[str, str]) -> list[int] | None:
         return None
 
 
-def marked_servers(marker_env: str, proc_root: Path = procs.PROC) -> list[ServerRecord]:
-    """Servers found by their marker alone (no record): one per marker value, GPUs from the environment."""
+def marked_servers(record_path: Path, marker_env: str, proc_root: Path = procs.PROC) -> list[ServerRecord]:
+    """This daemon's servers found by their marker alone (no record), GPUs from their environment."""
     found: dict[str, ServerRecord] = {}
     me = os.getpid()
     for p in procs.list_processes(proc_root):
@@ -51,8 +51,8 @@ def marked_servers(marker_env: str, proc_root: Path = procs.PROC) -> list[Server
             continue
         env = procs.read_environ(p.pid, proc_root)
         marker = env.get(marker_env) if env else None
-        if not env or not marker or marker in found:
-            continue
+        if not env or not marker or marker in found or env.get(RECORD_ENV) != str(record_path):
+            continue  # not a server, or another daemon's
         found[marker] = ServerRecord(0, 0, 0, 0, marker, [], 0.0, gpus=_gpus_of(env))
     return list(found.values())
 
@@ -70,7 +70,7 @@ def stop_for_job(
         record = load_record(record_path)
     except (ValueError, OSError):
         record = None
-    records = [record] if record is not None else marked_servers(marker_env, proc_root)
+    records = [record] if record is not None else marked_servers(record_path, marker_env, proc_root)
     if not records:
         return Outcome(0, 0, "no server is running")
     targets = [r for r in records if r.holds_any(gpus)]

@@ -27,7 +27,7 @@ from exporter_watchdog.act.record import ServerRecord, load_record
 
 RELEASE = b"release"
 # SIGTERM first, SIGKILL after this: the whole tree is gone well within a second of the daemon's death.
-TERM_GRACE = 0.4
+TERM_GRACE = 0.3
 KILL_TIMEOUT = 10.0
 
 

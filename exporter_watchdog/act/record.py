@@ -8,6 +8,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+MARKER_ENV = "EXPORTER_WATCHDOG_SERVER"  # in the server's environment: a random token per server
+# The record's path in the server's environment: tells this daemon's servers from another daemon's.
+RECORD_ENV = "EXPORTER_WATCHDOG_RECORD"
+RECORD_NAME = "server.json"  # in the state dir: read by the next daemon, the guard and the Prolog
+
 
 @dataclass(frozen=True)
 class ServerRecord:

@@ -26,12 +26,10 @@ from exporter_watchdog.act.guard import Guard
 from exporter_watchdog.act.logfile import PipePump, RotatingLog
 from exporter_watchdog.act.procs import ProcInfo
 from exporter_watchdog.act.reaper import Waker, reap_record, terminate
-from exporter_watchdog.act.record import ServerRecord, load_record, write_atomic
+from exporter_watchdog.act.record import MARKER_ENV, RECORD_ENV, RECORD_NAME, ServerRecord, load_record, write_atomic
 
-__all__ = ["PollResult", "ServerRecord", "StopResult", "Supervisor"]
+__all__ = ["MARKER_ENV", "RECORD_NAME", "PollResult", "ServerRecord", "StopResult", "Supervisor"]
 
-MARKER_ENV = "EXPORTER_WATCHDOG_SERVER"
-RECORD_NAME = "server.json"  # in the state dir: read by the next daemon, the guard and the Prolog
 # The server's first instruction runs only once it is in its cgroup: nothing it forks can escape.
 _CGROUP_SHIM = 'echo $$ > "$0" || { echo "cannot enter cgroup $0" >&2; exit 125; }; exec "$@"'
 _PUMP_JOIN = 1.0  # how long stop() waits for the last output once every process is gone
@@ -180,6 +178,7 @@ class Supervisor:
                cgroup: ServerCgroup | None) -> tuple[subprocess.Popen[bytes], RotatingLog, int]:
         child_env = dict(env)
         child_env[self.marker_env] = marker
+        child_env[RECORD_ENV] = str(self.record_path)
         command = list(argv)
         if cgroup is not None:
             command = ["/bin/sh", "-c", _CGROUP_SHIM, str(cgroup.procs_file), *command]

@@ -80,6 +80,10 @@ class FakeSupervisor:
     def stop_method(self) -> str:
         return "fake"
 
+    @property
+    def guard_pid(self) -> int | None:
+        return None
+
     def start(self, argv: Sequence[str], env: Mapping[str, str], cwd: Any = None, gpus: Any = None) -> int:
         self.started.append((argv, env))
         self._pid = 1000 + len(self.started)
