@@ -33,7 +33,7 @@ def _child(report_fd: int, setsid: bool, scrub: bool, ignore_term: bool) -> None
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if setsid:
         os.setsid()
-    os.write(report_fd, f"{os.getpid()}\n".encode())
+    os.write(report_fd, f"{'S' if setsid else 'C'}{os.getpid()}\n".encode())
     if scrub:
         # A new program without the server's environment: only a cgroup still knows it is ours.
         os.execve("/bin/sleep", ["sleep", "3600"], {})
@@ -75,13 +75,15 @@ def main() -> None:
         _fork(write_fd, setsid=True, scrub=args.scrub_env, ignore_term=args.ignore_term)
         expected += 1
     os.close(write_fd)
-    pids: list[int] = []
+    reports: list[str] = []
     buffer = b""
-    while len(pids) < expected:
+    while len(reports) < expected:
         buffer += os.read(read_fd, 4096)
         *lines, buffer = buffer.split(b"\n")
-        pids.extend(int(x) for x in lines if x)
+        reports.extend(x.decode() for x in lines if x)
     os.close(read_fd)
+    # The child that stayed first, the one that left the session last.
+    pids = [int(r[1:]) for r in sorted(reports)]
 
     class Health(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
