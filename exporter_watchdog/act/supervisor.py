@@ -93,6 +93,7 @@ class Supervisor:
         self._exit_code: int | None = None  # set once the leader is seen dead (still unreaped)
         self._exit_reported = False
         self._record_failing = False  # the last record write failed (disk full, read-only): logged once
+        self._log_failing = False  # the server log could not be opened at the last start: logged once
 
     @property
     def pid(self) -> int | None:
@@ -182,7 +183,11 @@ class Supervisor:
         command = list(argv)
         if cgroup is not None:
             command = ["/bin/sh", "-c", _CGROUP_SHIM, str(cgroup.procs_file), *command]
-        log = RotatingLog(self.log_path, self.log_max_bytes)
+        log, error = RotatingLog.or_discard(self.log_path, self.log_max_bytes)
+        if error is not None and not self._log_failing:
+            logger.error("cannot open the server log {}: {}; the server's output is dropped until it can be",
+                         self.log_path, error.strerror or error)
+        self._log_failing = error is not None
         read_fd, write_fd = os.pipe()
         try:
             proc = subprocess.Popen(
@@ -204,7 +209,11 @@ class Supervisor:
         return proc, log, read_fd
 
     def _save(self, record: ServerRecord) -> None:
-        """Persist the record; a full or read-only disk is logged once and does not stop the server."""
+        """Persist the record; a full or read-only disk is logged once and does not stop the server.
+
+        Only the complete record (with the leader's pid) clears a failure: the small first record of
+        a start may fit where the whole one does not.
+        """
         try:
             write_atomic(self.record_path, record.to_json())
         except OSError as exc:
@@ -214,9 +223,10 @@ class Supervisor:
                              exc.strerror or exc)
             self._record_failing = True
             return
-        if self._record_failing:
-            logger.info("server record {} written again", self.record_path)
-        self._record_failing = False
+        if record.pid:
+            if self._record_failing:
+                logger.info("server record {} written again", self.record_path)
+            self._record_failing = False
 
     # ----- poll ----------------------------------------------------------------------------------
 
