@@ -38,7 +38,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from exporter_watchdog.serve import StartupError, serve
 
     try:
-        return serve(_config_path(args), demo=args.demo, listen=args.listen, exporter_only=args.exporter_only)
+        return serve(_config_path(args), demo=args.demo, listen=args.listen, exporter_only=args.exporter_only,
+                     simulated_gpus=args.simulated_gpus)
     except StartupError as exc:
         return _fail(str(exc))
 
@@ -166,7 +167,39 @@ def cmd_check(args: argparse.Namespace) -> int:
     if active and not (directory / f"{active}.yaml").is_file():
         print(f"\nactive profile {active!r}: no such profile in {directory}")
         failures += 1
+    if config.tunnel.enabled:
+        failures += _check_tunnel(config)
     return EXIT_USAGE if failures else EXIT_OK
+
+
+def _check_tunnel(config: Config) -> int:
+    """The connector's command line and the ingress it publishes (never the token); 1 on a problem."""
+    from exporter_watchdog.act.tunnel.launch import (
+        INGRESS_FILE,
+        check_files,
+        connector_argv,
+        ingress_rules,
+        public_url,
+        render_local_config,
+    )
+
+    print(f"\ntunnel: {public_url(config) or '(no tunnel.hostname)'}")
+    try:
+        check_files(config)
+    except ConfigError as exc:
+        print(f"  INVALID: {exc}")
+        return 1
+    local = config.tunnel.config_file is not None
+    print(f"  command: {shlex.join(connector_argv(config, config.state_dir / INGRESS_FILE if local else None))}")
+    if local:
+        print(f"  runs with {config.state_dir / INGRESS_FILE}, written at each start:")
+        print("    " + render_local_config(config).rstrip().replace("\n", "\n    "))
+        return 0
+    rules = json.dumps({"config": {"ingress": ingress_rules(config)}})
+    print("  dashboard-managed: Cloudflare pushes this tunnel's ingress; publish only the API by setting it to")
+    print(f"    {rules}")
+    print("  (PUT /accounts/ACCOUNT_ID/cfd_tunnel/TUNNEL_ID/configurations, or Terraform: see docs/tunnel.md)")
+    return 0
 
 
 # --- demo --------------------------------------------------------------------------------------------
@@ -251,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", metavar="HOST:PORT", help="metrics/status address (overrides metrics.listen)")
     p.add_argument("--exporter-only", action="store_true",
                    help="export GPU metrics only; never start a server (overrides exporter_only)")
+    p.add_argument("--simulated-gpus", action="store_true",
+                   help="real Slurm, but simulated GPU metrics for node.gpus GPUs (machines without GPUs; tests)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("status", help="show what the running daemon is doing")
@@ -296,11 +331,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_llm_arguments(p)
     p.set_defaults(func=cmd_demo_llm)
+    from exporter_watchdog.demo import faults as demo_faults
+
+    demo_faults.register(demo_sub, _add_config, _demo_node)
 
     from exporter_watchdog import prolog, targets
     from exporter_watchdog.bench import command as bench
+    from exporter_watchdog.replay import command as replay
 
-    for module in (prolog, bench, targets):
+    for module in (prolog, bench, targets, replay):
         module.register(sub)
     return parser
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import socket
 from collections.abc import Callable, Mapping
@@ -14,6 +15,8 @@ import yaml
 
 ENV_CONFIG = "EXPORTER_WATCHDOG_CONFIG"
 SYSTEM_CONFIG = Path("/etc/exporter-watchdog/config.yaml")
+# cloudflared's own first choice when --metrics has no address, on loopback only.
+DEFAULT_TUNNEL_METRICS = "127.0.0.1:20241"
 
 
 class ConfigError(Exception):
@@ -56,6 +59,7 @@ class ClaimConfig:
     gpus: int | None  # None: every GPU of the node
     cooldown_seconds: float
     yield_on_any_job: bool
+    start_rule: str = "always"  # always | learned (core.model.StartRule)
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,7 @@ class ServerConfig:
     backoff_initial_seconds: float
     backoff_max_seconds: float
     cgroup: str = "auto"  # auto | off | a cgroup folder to create the servers' cgroups in
+    cold_start_seconds: float | None = None  # None: the profile's, else measured at the first start
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,8 @@ class CudaConfig:
 class MetricsConfig:
     listen: str
     gpu_cache_seconds: float
+    hpc_job_mapping_dir: Path | None = None  # dcgm-exporter's job-mapping files, for hpc_job without Slurm
+    gpm_interval_seconds: float = 5.0  # GPM profiling sample interval; 0 turns GPM off
 
 
 @dataclass(frozen=True)
@@ -93,9 +100,25 @@ class SlurmConfig:
     cgroup_root: Path
     scontrol: tuple[str, ...]
     timeout_seconds: float
-    detect: str  # inotify | poll
+    detect: str  # inotify | poll | squeue
     poll_interval_seconds: float
     rescan_seconds: float
+    squeue: tuple[str, ...] = ("squeue",)
+    squeue_interval_seconds: float = 2.0
+
+
+@dataclass(frozen=True)
+class TunnelConfig:
+    """The Cloudflare tunnel connector the daemon runs while its server serves (see docs/tunnel.md)."""
+
+    enabled: bool = False
+    cloudflared: tuple[str, ...] = ("cloudflared",)
+    token_file: Path | None = None  # a dashboard-managed tunnel: passed as --token-file, never read here
+    config_file: Path | None = None  # a locally-managed tunnel: tunnel id and credentials-file
+    hostname: str | None = None
+    metrics: str = DEFAULT_TUNNEL_METRICS
+    grace_seconds: float = 30.0
+    allow_unauthenticated: bool = False
 
 
 @dataclass(frozen=True)
@@ -112,6 +135,7 @@ class Config:
     exporter_only: bool
     log_level: str
     tunnel_hostname: str | None = None
+    tunnel: TunnelConfig = field(default_factory=TunnelConfig)
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
 
@@ -226,6 +250,17 @@ def _env_map(v: Any) -> dict[str, str]:
     return out
 
 
+_HOSTNAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
+
+
+def _hostname(v: Any) -> str | None:
+    if v is None:
+        return None
+    if not isinstance(v, str) or not _HOSTNAME.match(v):
+        raise ValueError("expected a bare host name like llm.example.org (no scheme, port or path)")
+    return v
+
+
 def _log_level(v: Any) -> str:
     levels = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
     if not isinstance(v, str) or v.upper() not in levels:
@@ -240,6 +275,7 @@ SCHEMA: dict[str, tuple[Any, Check]] = {
     "claim.gpus": (None, _int(1, 64, nullable=True)),
     "claim.cooldown_seconds": (60.0, _float()),
     "claim.yield_on_any_job": (False, _bool),
+    "claim.start_rule": ("always", _str(choices=("always", "learned"))),
     "server.profile": (None, _str(nullable=True)),
     "server.port": (8000, _int(1, 65535)),
     "server.host": ("127.0.0.1", _str()),
@@ -253,20 +289,32 @@ SCHEMA: dict[str, tuple[Any, Check]] = {
     "server.backoff_initial_seconds": (5.0, _float(positive=True)),
     "server.backoff_max_seconds": (300.0, _float(positive=True)),
     "server.cgroup": ("auto", _str()),
+    "server.cold_start_seconds": (None, _float(nullable=True, positive=True)),
     "cuda.home": (None, _path()),
     "cuda.version": (None, _str(nullable=True)),
     "cuda.library_paths": ([], _path_list),
     "metrics.listen": ("0.0.0.0:9400", _listen),
     "metrics.gpu_cache_seconds": (1.0, _float()),
+    "metrics.hpc_job_mapping_dir": (None, _path()),
+    "metrics.gpm_interval_seconds": (5.0, _float()),
     "slurm.cgroup_root": ("/sys/fs/cgroup", _path(nullable=False)),
     "slurm.scontrol": ("scontrol", _argv),
     "slurm.timeout_seconds": (2.0, _float(positive=True)),
-    "slurm.detect": ("inotify", _str(choices=("inotify", "poll"))),
+    "slurm.detect": ("inotify", _str(choices=("inotify", "poll", "squeue"))),
+    "slurm.squeue": ("squeue", _argv),
+    "slurm.squeue_interval_seconds": (2.0, _float(positive=True)),
     "slurm.poll_interval_seconds": (0.25, _float(positive=True)),
     "slurm.rescan_seconds": (5.0, _float(positive=True)),
     "state_dir": (None, _path()),
     "control.socket": (None, _path()),
-    "tunnel.hostname": (None, _str(nullable=True)),
+    "tunnel.enabled": (False, _bool),
+    "tunnel.cloudflared": ("cloudflared", _argv),
+    "tunnel.token_file": (None, _path()),
+    "tunnel.config_file": (None, _path()),
+    "tunnel.hostname": (None, _hostname),
+    "tunnel.metrics": (DEFAULT_TUNNEL_METRICS, _listen),
+    "tunnel.grace_seconds": (30.0, _float()),
+    "tunnel.allow_unauthenticated": (False, _bool),
     "exporter_only": (False, _bool),
     "log.level": ("INFO", _log_level),
 }
@@ -358,6 +406,7 @@ def _build(v: dict[str, Any], source: str, raw: Mapping[str, Any]) -> Config:
             source, "server.backoff_max_seconds", v["server.backoff_max_seconds"],
             "must be >= server.backoff_initial_seconds",
         )
+    tunnel = _tunnel(v, source)
     state_dir = v["state_dir"] or default_state_dir()
     control_socket = v["control.socket"] or state_dir / "control.sock"
     if len(str(control_socket)) > 100:
@@ -366,7 +415,7 @@ def _build(v: dict[str, Any], source: str, raw: Mapping[str, Any]) -> Config:
         source=source,
         node=NodeConfig(name=v["node.name"] or short_hostname(), gpus=node_gpus),
         claim=ClaimConfig(gpus=claim, cooldown_seconds=v["claim.cooldown_seconds"],
-                          yield_on_any_job=v["claim.yield_on_any_job"]),
+                          yield_on_any_job=v["claim.yield_on_any_job"], start_rule=v["claim.start_rule"]),
         server=ServerConfig(
             profile=v["server.profile"], port=v["server.port"], host=v["server.host"],
             models_dir=v["server.models_dir"], startup_timeout_seconds=v["server.startup_timeout_seconds"],
@@ -374,18 +423,55 @@ def _build(v: dict[str, Any], source: str, raw: Mapping[str, Any]) -> Config:
             extra_args=v["server.extra_args"], env=v["server.env"], log_max_bytes=v["server.log_max_bytes"],
             backoff_initial_seconds=v["server.backoff_initial_seconds"],
             backoff_max_seconds=v["server.backoff_max_seconds"], cgroup=v["server.cgroup"],
+            cold_start_seconds=v["server.cold_start_seconds"],
         ),
         cuda=CudaConfig(home=v["cuda.home"], version=v["cuda.version"], library_paths=v["cuda.library_paths"]),
-        metrics=MetricsConfig(listen=v["metrics.listen"], gpu_cache_seconds=v["metrics.gpu_cache_seconds"]),
+        metrics=MetricsConfig(listen=v["metrics.listen"], gpu_cache_seconds=v["metrics.gpu_cache_seconds"],
+                              hpc_job_mapping_dir=v["metrics.hpc_job_mapping_dir"],
+                              gpm_interval_seconds=v["metrics.gpm_interval_seconds"]),
         slurm=SlurmConfig(
             cgroup_root=v["slurm.cgroup_root"], scontrol=v["slurm.scontrol"],
             timeout_seconds=v["slurm.timeout_seconds"], detect=v["slurm.detect"],
             poll_interval_seconds=v["slurm.poll_interval_seconds"], rescan_seconds=v["slurm.rescan_seconds"],
+            squeue=v["slurm.squeue"], squeue_interval_seconds=v["slurm.squeue_interval_seconds"],
         ),
         state_dir=state_dir,
         control_socket=control_socket,
         exporter_only=v["exporter_only"],
         log_level=v["log.level"],
         tunnel_hostname=v["tunnel.hostname"],
+        tunnel=tunnel,
         raw=raw,
     )
+
+
+def _tunnel(v: dict[str, Any], source: str) -> TunnelConfig:
+    """The tunnel section; with enabled: true it must say how to reach Cloudflare, and the API needs a key."""
+    tunnel = TunnelConfig(
+        enabled=v["tunnel.enabled"], cloudflared=v["tunnel.cloudflared"], token_file=v["tunnel.token_file"],
+        config_file=v["tunnel.config_file"], hostname=v["tunnel.hostname"], metrics=v["tunnel.metrics"],
+        grace_seconds=v["tunnel.grace_seconds"], allow_unauthenticated=v["tunnel.allow_unauthenticated"],
+    )
+    if not tunnel.enabled:
+        return tunnel
+    if tunnel.token_file is not None and tunnel.config_file is not None:
+        raise ConfigError(source, "tunnel.config_file", str(tunnel.config_file),
+                          "set tunnel.token_file (dashboard-managed tunnel) or tunnel.config_file "
+                          "(locally-managed tunnel), not both")
+    if tunnel.token_file is None and tunnel.config_file is None:
+        raise ConfigError(source, "tunnel.token_file", None,
+                          "tunnel.enabled is true: set tunnel.token_file (dashboard-managed tunnel) or "
+                          "tunnel.config_file (locally-managed tunnel)")
+    if tunnel.config_file is not None and tunnel.hostname is None:
+        raise ConfigError(source, "tunnel.hostname", None,
+                          "a locally-managed tunnel (tunnel.config_file) needs the public hostname for its ingress")
+    port = int(tunnel.metrics.rpartition(":")[2])
+    if port == 0:
+        raise ConfigError(source, "tunnel.metrics", tunnel.metrics,
+                          "needs a fixed port: the daemon reads the connector's /ready there")
+    if v["server.api_key_file"] is None and not tunnel.allow_unauthenticated:
+        raise ConfigError(source, "tunnel.enabled", True,
+                          "publishes the server's API, but server.api_key_file is not set: set "
+                          "server.api_key_file (vLLM then requires the key on /v1/*), or "
+                          "tunnel.allow_unauthenticated: true to publish it without a key")
+    return tunnel

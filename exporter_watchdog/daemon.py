@@ -23,9 +23,13 @@ from exporter_watchdog.core.model import (
     Policy,
     ServerObs,
     Snapshot,
+    StartConnector,
+    StartRule,
     StartServer,
     State,
+    StopConnector,
     StopServer,
+    TunnelObs,
 )
 from exporter_watchdog.metrics.daemon import DaemonMetrics
 from exporter_watchdog.profiles import LaunchSpec, Profile, ProfileError, build_launch, check_runnable, find_profile
@@ -37,6 +41,8 @@ FAST_TICK = 0.5
 PROLOG_TTL = 300.0
 # Do not ask Slurm about the same unresolved job more often than this (it may be down).
 REQUERY_SECONDS = 1.0
+# While the tunnel connector drains or waits to (re)start, the loop looks at it this often.
+TUNNEL_TICK = 0.1
 
 
 class JobQueryLike(Protocol):
@@ -80,6 +86,17 @@ class HealthLike(Protocol):
     def close(self) -> None: ...
 
 
+class ConnectorLike(Protocol):
+    @property
+    def stopping(self) -> bool: ...
+    @property
+    def restarts(self) -> int: ...
+    def start(self) -> bool: ...
+    def stop(self) -> None: ...
+    def observe(self) -> TunnelObs: ...
+    def close(self, timeout: float | None = None) -> None: ...
+
+
 @dataclass
 class ReleaseTicket:
     """A prolog asked for GPUs; answered once none of them is ours any more."""
@@ -101,7 +118,17 @@ def policy_from(config: Config, node_gpus: int, profile: Profile | None) -> Poli
         startup_timeout_seconds=startup,
         backoff_initial_seconds=config.server.backoff_initial_seconds,
         backoff_max_seconds=config.server.backoff_max_seconds,
+        start_rule=StartRule(config.claim.start_rule),
+        cold_start_seconds=cold_start_seconds(config, profile) or 0.0,
+        tunnel_grace_seconds=config.tunnel.grace_seconds,
     )
+
+
+def cold_start_seconds(config: Config, profile: Profile | None) -> float | None:
+    """The expected start-to-ready time: server.cold_start_seconds, else the profile's (None: unknown)."""
+    if config.server.cold_start_seconds is not None:
+        return config.server.cold_start_seconds
+    return profile.cold_start_seconds if profile is not None else None
 
 
 class Daemon:
@@ -122,13 +149,19 @@ class Daemon:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         profile_loader: Callable[[str], Profile] | None = None,
+        scan_source: JobSource = JobSource.CGROUP,
+        connector: ConnectorLike | None = None,
     ) -> None:
         self.config = config
         self.node_gpus = node_gpus
         self._scan_jobs = scan_jobs
+        self._scan_source = scan_source  # what scan_jobs reads: job cgroups, or squeue's listing
         self._slurm = slurm
         self._watcher = watcher
         self._supervisor = supervisor
+        self._connector = connector  # the tunnel connector, when tunnel.enabled
+        self._shutting_down = False
+        self._tunnel = TunnelObs(enabled=connector is not None)
         self._metrics = metrics
         self._gpu_job_processes = gpu_job_processes
         self._clock = clock
@@ -149,6 +182,7 @@ class Daemon:
         self.state = State(phase_since=clock())
         self.policy = policy_from(config, node_gpus, None)
         self._known: dict[str, frozenset[int] | None] = {}  # job id -> GPUs (None: Slurm did not say)
+        self._job_owner: dict[str, tuple[str | None, str | None]] = {}  # job id -> (user, partition), for metrics
         self._last_query: dict[str, float] = {}
         self._launch: LaunchSpec | None = None
         self._start_failed: str | None = None
@@ -246,13 +280,25 @@ class Daemon:
 
     def run(self) -> None:
         """Loop until request_stop(); stops the server before returning."""
+        deadline = None
         try:
             while True:
                 with self._lock:
                     stopping = self._stop_requested
                 if stopping:
-                    break
+                    if not self._connector_running():
+                        break
+                    # A running connector drains first (the core decides; jobs still get their GPUs at
+                    # once), then the server stops; bounded in case something does not go.
+                    if deadline is None:
+                        self._shutting_down = True
+                        deadline = self._clock() + self.config.tunnel.grace_seconds + 5.0
+                    elif self._clock() >= deadline:
+                        logger.warning("shutdown: the tunnel connector's drain did not finish in time")
+                        break
                 self.tick()
+                if self._shutting_down and not self._connector_running() and not self._supervisor.poll().running:
+                    break
                 self._wake.wait(self._next_timeout())
         finally:
             self._shutdown()
@@ -273,6 +319,10 @@ class Daemon:
                 rerun = True
             elif isinstance(action, StartServer):
                 self._start_server(action)
+            elif isinstance(action, StopConnector) and self._connector is not None:
+                self._connector.stop()  # SIGTERM only: never waits for the drain
+            elif isinstance(action, StartConnector) and self._connector is not None:
+                self._connector.start()
         self._account(now, obs)
         self._heartbeat = self._clock()
         self._publish(obs.server)
@@ -286,7 +336,16 @@ class Daemon:
             timeout = min(timeout, FAST_TICK)
         if self.state.phase == Phase.IDLE and self.state.free_since is not None:
             timeout = min(timeout, FAST_TICK)
+        if self._connector is not None:
+            if self._connector.stopping or self.state.drain_until is not None or self._shutting_down:
+                timeout = min(timeout, TUNNEL_TICK)  # a drain ends: the server's stop may be waiting on it
+            elif self.state.phase == Phase.SERVING and not self._tunnel.running:
+                # A connector to restart once its backoff is over.
+                timeout = min(timeout, max(self.state.connector_backoff_until - self._clock(), TUNNEL_TICK))
         return timeout
+
+    def _connector_running(self) -> bool:
+        return self._connector is not None and self._tunnel.running
 
     # --- observe ---------------------------------------------------------------------------------
 
@@ -297,11 +356,14 @@ class Daemon:
         for job_id in dirs:
             gpus = self._known.get(job_id)
             seen = (self._watcher.first_seen(job_id) if self._watcher else None) or now
-            jobs.append(Job(job_id=job_id, gpus=gpus, seen_at=seen, source=JobSource.CGROUP))
+            user, partition = self._job_owner.get(job_id, (None, None))
+            jobs.append(Job(job_id=job_id, gpus=gpus, seen_at=seen, source=self._scan_source, user=user,
+                            partition=partition))
         gone = [j for j in self._known if j not in dirs]
         for job_id in gone:
             self._known.pop(job_id, None)
             self._last_query.pop(job_id, None)
+            self._job_owner.pop(job_id, None)
         if gone and self._watcher is not None:
             self._watcher.forget(gone)
         if gone:
@@ -349,9 +411,12 @@ class Daemon:
             restart = self._restart_requested
             self._restart_requested = False
         self._last_jobs = tuple(jobs)
+        if self._connector is not None:
+            self._tunnel = self._connector.observe()
         return Observation(
             node_gpus=self.node_gpus, jobs=tuple(jobs), server=server,
             restart_requested=restart, disabled_reason=self.disabled_reason,
+            tunnel=self._tunnel, shutdown=self._shutting_down,
         )
 
     def _needs_query(self, job_id: str, now: float) -> bool:
@@ -374,6 +439,10 @@ class Daemon:
             self._last_query[job_id] = answered
             self._metrics.slurm_query(result.duration, result.error is None)
             self._known[job_id] = result.gpus
+            # Fakes of the Slurm client may not say who runs the job: the labels then stay empty.
+            user, partition = getattr(result, "user", None), getattr(result, "partition", None)
+            if user or partition:
+                self._job_owner[job_id] = (user, partition)
             if first:
                 self._metrics.job_seen()
                 seen = (self._watcher.first_seen(job_id) if self._watcher else None) or now
@@ -458,12 +527,14 @@ class Daemon:
             ("slurm.cgroup_root", old.slurm.cgroup_root, config.slurm.cgroup_root),
             ("slurm.detect", old.slurm.detect, config.slurm.detect),
             ("node.name", old.node.name, config.node.name),
+            ("tunnel", old.tunnel, config.tunnel),
         ):
             if before != after:
                 logger.warning("{} changed ({} -> {}): takes effect after a restart of the daemon", key, before, after)
         config = replace(
             config, metrics=old.metrics, state_dir=old.state_dir, control_socket=old.control_socket,
             slurm=replace(config.slurm, cgroup_root=old.slurm.cgroup_root, detect=old.slurm.detect), node=old.node,
+            tunnel=old.tunnel, tunnel_hostname=old.tunnel_hostname,
         )
         self.config = config
         logger.info("config reloaded from {}", config.source)
@@ -540,7 +611,14 @@ class Daemon:
             extra["guard_pid"] = str(guard)
         if self._launch is not None and pid:
             extra["server_argv"] = " ".join(self._launch.argv)
+        tunnel = self._tunnel
         return Snapshot(
+            tunnel_enabled=self._connector is not None,
+            tunnel_state=self._tunnel_state(tunnel),
+            tunnel_pid=tunnel.pid if tunnel.running else None,
+            tunnel_ready=tunnel.ready,
+            tunnel_url=f"https://{self.config.tunnel.hostname}" if self.config.tunnel.hostname else None,
+            tunnel_restarts=self._connector.restarts if self._connector is not None else 0,
             node=self.config.node.name,
             phase=self.state.phase,
             node_gpus=self.node_gpus,
@@ -563,11 +641,26 @@ class Daemon:
             extra=extra,
         )
 
+    def _tunnel_state(self, tunnel: TunnelObs) -> str:
+        if self._connector is None:
+            return "disabled"
+        if tunnel.stopping:
+            return "draining"
+        if tunnel.running:
+            return "ready" if tunnel.ready else "connecting"
+        if self.state.phase == Phase.SERVING and self.state.connector_crashes:
+            return "backoff"
+        return "stopped"
+
     def _shutdown(self) -> None:
         logger.info("shutting down")
         if self._watcher is not None:
             self._watcher.stop()
         self._health.watch(None)
+        if self._connector is not None:
+            # Whatever the loop did not finish: the connector goes before the server, always.
+            self._connector.close()
+            self._tunnel = TunnelObs(enabled=True)
         if self._supervisor.pid is not None or self._supervisor.poll().running:
             self._supervisor.stop(self.config.server.stop_timeout_seconds)
         self._health.close()

@@ -17,7 +17,7 @@ from exporter_watchdog.config import Config, ConfigError
 
 PROFILE_KEYS = {
     "name", "description", "model", "served_model_name", "requires", "args", "env", "command",
-    "health_path", "startup_timeout_seconds", "tensor_parallel",
+    "health_path", "startup_timeout_seconds", "tensor_parallel", "cold_start_seconds",
 }
 REQUIRES_KEYS = {"cuda", "min_gpus"}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -49,6 +49,7 @@ class Profile:
     health_path: str = "/health"
     startup_timeout_seconds: float = 900.0
     tensor_parallel: bool = True  # add --tensor-parallel-size (vLLM); command profiles use {tp}
+    cold_start_seconds: float | None = None  # measured start-to-ready time on this hardware, if known
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,9 @@ def load_profile(path: Path) -> Profile:
     timeout = doc.get("startup_timeout_seconds", 900)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
         raise _err(path, "startup_timeout_seconds", timeout, "expected a number of seconds > 0")
+    cold = doc.get("cold_start_seconds")
+    if cold is not None and (isinstance(cold, bool) or not isinstance(cold, (int, float)) or cold < 0):
+        raise _err(path, "cold_start_seconds", cold, "expected a number of seconds >= 0")
     tp = doc.get("tensor_parallel", command is None)
     if not isinstance(tp, bool):
         raise _err(path, "tensor_parallel", tp, "expected true or false")
@@ -161,6 +165,7 @@ def load_profile(path: Path) -> Profile:
         served_model_name=served, requires_cuda=cuda, min_gpus=min_gpus, args=args,
         env={k: str(v) for k, v in env.items()}, command=command, health_path=health,
         startup_timeout_seconds=float(timeout), tensor_parallel=tp,
+        cold_start_seconds=None if cold is None else float(cold),
     )
 
 

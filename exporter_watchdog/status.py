@@ -46,6 +46,14 @@ def status_dict(snap: Snapshot, wall_now: float) -> dict[str, Any]:
         ],
         "harvested_gpu_seconds": round(snap.harvested_gpu_seconds, 1),
         "idle_gpu_seconds": round(snap.idle_gpu_seconds, 1),
+        "tunnel": {
+            "enabled": snap.tunnel_enabled,
+            "state": snap.tunnel_state,
+            "pid": snap.tunnel_pid,
+            "ready": snap.tunnel_ready,
+            "url": snap.tunnel_url,
+            "restarts": snap.tunnel_restarts,
+        },
     }
 
 
@@ -98,4 +106,10 @@ def render_status(doc: dict[str, Any]) -> str:
         lines.append(f"jobs:        {shown}")
     if doc.get("crashes"):
         lines.append(f"crashes:     {doc['crashes']} in a row")
+    tunnel = doc.get("tunnel") or {}
+    if tunnel.get("enabled"):
+        where = tunnel.get("url") or "(no tunnel.hostname)"
+        pid = f", pid {tunnel['pid']}" if tunnel.get("pid") else ""
+        again = f", {tunnel['restarts']} restart(s)" if tunnel.get("restarts") else ""
+        lines.append(f"tunnel:      {tunnel['state']}{pid}{again}: {where}")
     return "\n".join(lines)

@@ -12,10 +12,12 @@ from loguru import logger
 class HealthProbe:
     """Probes one URL every `interval` seconds in its own thread; the caller never waits on the server."""
 
-    def __init__(self, on_change: Callable[[], None], *, interval: float = 1.0, timeout: float = 2.0) -> None:
+    def __init__(self, on_change: Callable[[], None], *, interval: float = 1.0, timeout: float = 2.0,
+                 name: str = "server") -> None:
         if interval <= 0 or timeout <= 0:
             raise ValueError(f"interval and timeout must be positive, got {interval} and {timeout}")
         self._on_change = on_change
+        self._name = name  # what the log lines call the probed process
         self._interval = interval
         self._timeout = timeout
         self._cond = threading.Condition()
@@ -87,7 +89,7 @@ class HealthProbe:
                         self._ready = ok
                         changed = True
                 if changed:
-                    logger.info("server at {} is {}", url, "ready" if ok else "not ready")
+                    logger.info("{} at {} is {}", self._name, url, "ready" if ok else "not ready")
                     self._call_on_change()
                 with self._cond:
                     # Sleep the interval unless watch() or close() asks for attention sooner.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Sequence
 from html import escape
@@ -11,6 +10,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from exporter_watchdog.bench.runner import RequestResult
+from exporter_watchdog.plot import nice_ticks as _nice_ticks
 
 
 class Progress:
@@ -122,15 +122,6 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write the result, creating its folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-
-
-def _nice_ticks(hi: float, count: int = 5) -> list[float]:
-    if hi <= 0:
-        return [0.0, 1.0]
-    raw = hi / count
-    mag = 10.0 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
-    return [step * i for i in range(math.ceil(hi / step - 1e-9) + 1)]
 
 
 def sweep_svg(results: Sequence[dict[str, Any]], title: str) -> str:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from bisect import bisect_right
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
+from exporter_watchdog.core.connector import with_connector
 from exporter_watchdog.core.model import (
     Action,
     CountConflict,
@@ -14,6 +16,7 @@ from exporter_watchdog.core.model import (
     Owner,
     Phase,
     Policy,
+    StartRule,
     StartServer,
     State,
     StopServer,
@@ -99,8 +102,17 @@ def gpu_owners(state: State, obs: Observation, policy: Policy) -> dict[int, Owne
 
 def decide(state: State, obs: Observation, now: float, policy: Policy) -> tuple[State, list[Action]]:
     """One step of the policy: what to do about what we just saw."""
-    live_ids = frozenset(j.job_id for j in obs.jobs)
-    state = replace(state, conflicted_jobs=state.conflicted_jobs & live_ids)
+    if obs.tunnel.enabled or obs.shutdown:
+        return with_connector(state, obs, now, policy, _decide_server)
+    return _decide_server(state, obs, now, policy)
+
+
+def _decide_server(state: State, obs: Observation, now: float, policy: Policy) -> tuple[State, list[Action]]:
+    """The server's policy; the tunnel connector's is wrapped around it (core/connector.py)."""
+    if state.conflicted_jobs:  # forget jobs that are gone (skipped when none: decide runs often in a replay)
+        live_ids = frozenset(j.job_id for j in obs.jobs)
+        if not state.conflicted_jobs <= live_ids:
+            state = replace(state, conflicted_jobs=state.conflicted_jobs & live_ids)
     actions: list[Action] = []
 
     if obs.disabled_reason is not None:
@@ -124,7 +136,8 @@ def decide(state: State, obs: Observation, now: float, policy: Policy) -> tuple[
             return replace(state, phase=Phase.YIELDING, phase_since=now, cooling=False), [StopServer(reason=None)]
         if state.phase == Phase.STARTING:
             if obs.server.ready:
-                return replace(state, phase=Phase.SERVING, phase_since=now), actions
+                return replace(state, phase=Phase.SERVING, phase_since=now,
+                               cold_start_seen=now - state.phase_since), actions
             if now - state.phase_since >= policy.startup_timeout_seconds:
                 return _crashed(state, now, policy, stop=True)
             return state, actions
@@ -150,10 +163,16 @@ def decide(state: State, obs: Observation, now: float, policy: Policy) -> tuple[
     count = claim_size(policy, obs.node_gpus)
     pick = pick_gpus(busy_gpus(obs.jobs, obs.node_gpus, policy), obs.node_gpus, count)
     if pick is None:
-        return replace(state, free_since=None), actions
+        if state.free_since is None and state.gap_since is None:
+            return state, actions
+        return _gap_ended(replace(state, free_since=None), now, policy), actions
     free_since = state.free_since if state.free_since is not None else now
+    if state.free_since is None or state.gap_since is None:
+        state = replace(state, free_since=free_since, gap_since=now if state.gap_since is None else state.gap_since)
     if state.cooling and now - free_since < policy.cooldown_seconds:
-        return replace(state, free_since=free_since), actions
+        return state, actions
+    if _start_wait(state, policy) > now:
+        return state, actions
     state = replace(
         state, phase=Phase.STARTING, phase_since=now, claimed=pick, free_since=None,
         ever_started=True, cooling=False,
@@ -170,7 +189,7 @@ def _yield(state: State, hit: list[Job], now: float, policy: Policy) -> tuple[St
     actions.append(StopServer(reason=reason, job_ids=job_ids, signal_at=first.seen_at))
     record = YieldRecord(at=now, reason=reason, job_ids=job_ids, gpus=state.claimed)
     return replace(
-        state, phase=Phase.YIELDING, phase_since=now, last_yield=record, cooling=True,
+        _gap_ended(state, now, policy), phase=Phase.YIELDING, phase_since=now, last_yield=record, cooling=True,
         conflicted_jobs=state.conflicted_jobs | frozenset(new),
     ), actions
 
@@ -182,3 +201,64 @@ def _crashed(state: State, now: float, policy: Policy, stop: bool) -> tuple[Stat
         backoff_until=now + backoff_delay(crashes, policy), free_since=None,
     )
     return state, ([StopServer(reason=None)] if stop else [])
+
+
+# --- the learned start rule --------------------------------------------------------------------------
+
+
+def learned_delay(gaps: Sequence[float], cold_start: float, min_gaps: int = 5) -> float:
+    """How long a gap must already have lasted before a start pays off, judged by recent gaps.
+
+    The smallest wait d (0 or one of the gaps) such that, of the recent gaps longer than d, at least
+    half outlast d + cold_start; with none such, the longest recent gap. Free gaps on a busy node are
+    heavy-tailed, so a gap that has lasted a while tends to last a while more. 0 with too few gaps.
+    """
+    if cold_start <= 0 or len(gaps) < min_gaps:
+        return 0.0
+    ordered = sorted(gaps)
+    n = len(ordered)
+    for d in (0.0, *ordered):
+        first = bisect_right(ordered, d)  # gaps longer than d are ordered[first:]
+        if first >= n:
+            break
+        if ordered[first + (n - first) // 2] - d >= cold_start:
+            return d
+    return ordered[-1]
+
+
+def _cold_start(state: State, policy: Policy) -> float:
+    return state.cold_start_seen if state.cold_start_seen is not None else policy.cold_start_seconds
+
+
+def _start_wait(state: State, policy: Policy) -> float:
+    """The earliest time the start rule lets an IDLE node with free GPUs start (-inf: any time)."""
+    if policy.start_rule != StartRule.LEARNED or state.gap_since is None:
+        return float("-inf")
+    return state.gap_since + learned_delay(state.recent_gaps, _cold_start(state, policy))
+
+
+def _gap_ended(state: State, now: float, policy: Policy) -> State:
+    """A job took the free GPUs: remember how long the gap lasted."""
+    if state.gap_since is None:
+        return state
+    gaps = (*state.recent_gaps, now - state.gap_since)[-max(policy.learn_gaps, 1):]
+    return replace(state, gap_since=None, recent_gaps=gaps)
+
+
+def next_wake(state: State, policy: Policy) -> float | None:
+    """When decide()'s answer can next change with nothing new observed (a timer), or None.
+
+    The daemon rescans anyway; a replay on a simulated clock asks this instead of ticking.
+    """
+    if state.phase == Phase.STARTING:
+        return state.phase_since + policy.startup_timeout_seconds
+    if state.phase == Phase.BACKOFF:
+        return state.backoff_until
+    if state.phase == Phase.SERVING and state.crashes:
+        return state.phase_since + policy.stable_after_seconds
+    if state.phase == Phase.IDLE and state.free_since is not None:
+        wake = _start_wait(state, policy)
+        if state.cooling:
+            wake = max(wake, state.free_since + policy.cooldown_seconds)
+        return wake if wake != float("-inf") else None
+    return None

@@ -38,10 +38,18 @@ class YieldReason(str, enum.Enum):
     GPU_PROCESS = "gpu_process"  # a Slurm job's process showed up on one of our GPUs
 
 
+class StartRule(str, enum.Enum):
+    """When an IDLE node with enough free GPUs starts the server (`claim.start_rule`)."""
+
+    ALWAYS = "always"  # as soon as the GPUs are free (after the cool-down that follows a yield)
+    LEARNED = "learned"  # wait until the node's recent gaps say this one will outlast the cold start
+
+
 class JobSource(str, enum.Enum):
     """Which signal told us about a job."""
 
     CGROUP = "cgroup"
+    SQUEUE = "squeue"  # listed by `squeue -w NODE` (nodes without job cgroups)
     PROLOG = "prolog"
     GPU_PROCESS = "gpu_process"
 
@@ -56,6 +64,8 @@ class Job:
     gpus: frozenset[int] | None
     seen_at: float  # monotonic time of the first signal (cgroup event, prolog request, GPU process)
     source: JobSource = JobSource.CGROUP
+    user: str | None = None  # from Slurm's answer, for exporter_watchdog_gpu_job_info
+    partition: str | None = None
 
 
 @dataclass(frozen=True)
@@ -70,6 +80,18 @@ class ServerObs:
 
 
 @dataclass(frozen=True)
+class TunnelObs:
+    """The tunnel connector as its supervisor sees it right now."""
+
+    enabled: bool = False  # the daemon runs a connector at all (tunnel.enabled)
+    running: bool = False  # some process of the connector's group is alive (draining included)
+    ready: bool = False  # its /ready answered 200: an edge connection is registered
+    stopping: bool = False  # SIGTERM sent: it has unregistered and drains until it exits (or is killed)
+    crashed: bool = False  # it exited (or failed to start) without being asked since the last observation
+    pid: int | None = None
+
+
+@dataclass(frozen=True)
 class Observation:
     """Everything the core may look at: the world re-read after each wake-up."""
 
@@ -78,6 +100,8 @@ class Observation:
     server: ServerObs
     restart_requested: bool = False  # `switch` asked for the server to come back on another profile
     disabled_reason: str | None = None  # set when no server may run at all (exporter-only, bad profile)
+    tunnel: TunnelObs = TunnelObs()
+    shutdown: bool = False  # the daemon is stopping: drain the connector, then stop the server
 
 
 @dataclass(frozen=True)
@@ -91,6 +115,12 @@ class Policy:
     backoff_initial_seconds: float = 5.0
     backoff_max_seconds: float = 300.0
     stable_after_seconds: float = 120.0  # serving this long forgives earlier crashes
+    start_rule: StartRule = StartRule.ALWAYS
+    cold_start_seconds: float = 0.0  # expected start-to-ready time until one is measured (learned rule)
+    learn_gaps: int = 20  # how many recent free gaps the learned rule remembers
+    tunnel_grace_seconds: float = 30.0  # how long a connector drains before the server stops (no job waiting)
+    connector_backoff_initial_seconds: float = 1.0
+    connector_backoff_max_seconds: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -117,6 +147,13 @@ class State:
     last_yield: YieldRecord | None = None
     ever_started: bool = False
     cooling: bool = False  # a yield happened: wait cooldown_seconds of free GPUs before the next start
+    gap_since: float | None = None  # since when enough GPUs are free in this gap (ended by a job)
+    recent_gaps: tuple[float, ...] = ()  # lengths of the last policy.learn_gaps gaps, oldest first
+    cold_start_seen: float | None = None  # the last measured start-to-ready time
+    connector_crashes: int = 0  # consecutive connector exits, for its own backoff
+    connector_backoff_until: float = 0.0
+    connector_since: float | None = None  # when the current connector was started
+    drain_until: float | None = None  # a restart or shutdown waits for the connector's drain until then
 
 
 # --- actions the core asks for -------------------------------------------------------------------
@@ -143,7 +180,22 @@ class CountConflict:
     job_id: str
 
 
-Action = StartServer | StopServer | CountConflict
+@dataclass(frozen=True)
+class StartConnector:
+    """Start the tunnel connector: the server is ready."""
+
+
+@dataclass(frozen=True)
+class StopConnector:
+    """SIGTERM the connector (it unregisters at once, then drains); the caller never waits for the drain.
+
+    `drain` says whether the server's stop waits for it (switch, reload, shutdown) or not (a yield).
+    """
+
+    drain: bool
+
+
+Action = StartServer | StopServer | CountConflict | StartConnector | StopConnector
 
 
 @dataclass(frozen=True)
@@ -170,3 +222,9 @@ class Snapshot:
     idle_gpu_seconds: float = 0.0  # GPUs no job held x time
     loop_heartbeat: float = 0.0  # monotonic time the loop last finished an iteration
     extra: dict[str, str] = field(default_factory=dict)
+    tunnel_enabled: bool = False
+    tunnel_state: str = "disabled"  # disabled, stopped, starting, ready, draining, backoff
+    tunnel_pid: int | None = None
+    tunnel_ready: bool = False
+    tunnel_url: str | None = None  # https://<tunnel.hostname>
+    tunnel_restarts: int = 0  # connector starts after it exited on its own

@@ -1,4 +1,7 @@
-"""Simulated A30-like GPUs behind the same GpuBackend interface as NVML, driven by the stub server's load."""
+"""Simulated A30-like GPUs behind the same GpuBackend interface as NVML, driven by the stub server's load.
+
+They also answer the calls newer boards answer (GPM profiling, as on Hopper; NVLink through a bridge;
+remapped rows), so the demo shows every family the exporter has."""
 
 from __future__ import annotations
 
@@ -14,10 +17,13 @@ import httpx
 from loguru import logger
 
 from exporter_watchdog.metrics.nvml import (
+    GpmValues,
     GpuBackendError,
     GpuErrorKind,
     GpuProcess,
     MemoryInfo,
+    MigDevice,
+    RemappedRows,
     Utilization,
     XidEvent,
 )
@@ -30,6 +36,13 @@ IDLE_W, MAX_W = 28.0, 165.0
 IDLE_SM_MHZ, MAX_SM_MHZ, MEM_MHZ = 210.0, 1440.0, 1215.0
 ACTIVATIONS_MIB = 2048  # memory the server grows into under full load (KV cache is preallocated)
 UTIL_TAU_S, TEMP_TAU_S = 2.0, 30.0  # utilisation reacts in seconds, temperature over half a minute
+DRIVER = "550.54.15"
+NVLINK_LINKS = 4  # an NVLink bridge between pairs of boards
+# Profiling ratios of a busy LLM server per unit of load: SMs busy, warps resident, tensor pipes, DRAM.
+SM_PER_LOAD, OCCUPANCY_PER_LOAD, TENSOR_PER_LOAD, DRAM_PER_LOAD = 0.92, 0.45, 0.55, 0.62
+# Link traffic (MiB/s): a floor of housekeeping plus what tensor-parallel steps move under full load.
+PCIE_IDLE_MIB_S, PCIE_BUSY_MIB_S = 2.0, 900.0
+NVLINK_BUSY_MIB_S = 18000.0
 
 _NS = uuid.UUID("6b1c5b52-0f0e-4d0c-9a53-2f8b2a1c3d40")
 
@@ -39,7 +52,15 @@ class _Sim:
     activity: float = 0.0  # smoothed load in [0, 1]
     heat: float = 0.0  # slower-smoothed load in [0, 1], drives the temperatures
     energy_mj: float = 0.0
+    busy_s: float = 0.0  # integral of activity over time: what GPM's two-sample counters measure
     at: float | None = None
+
+
+@dataclass(frozen=True)
+class _GpmSample:
+    gpu: int
+    at: float
+    busy_s: float
 
 
 class SimulatedGpus:
@@ -146,6 +167,48 @@ class SimulatedGpus:
         self._check(gpu)
         return [GpuProcess(pid=pid, used_memory=used) for pid, used in self._procs(gpu)]
 
+    def driver_version(self) -> str:
+        return DRIVER
+
+    def remapped_rows(self, gpu: int) -> RemappedRows:
+        self._check(gpu)
+        return RemappedRows(correctable=0, uncorrectable=0, pending=False, failed=False)
+
+    def nvlink_links(self, gpu: int) -> int:
+        self._check(gpu)
+        return NVLINK_LINKS
+
+    def mig_devices(self, gpu: int) -> list[MigDevice]:
+        self._check(gpu)
+        raise GpuBackendError("MIG is disabled", GpuErrorKind.NOT_SUPPORTED)
+
+    def gpm_supported(self, gpu: int) -> bool:
+        self._check(gpu)
+        return True
+
+    def gpm_sample(self, gpu: int) -> object:
+        sim = self._advance(gpu)
+        return _GpmSample(gpu=gpu, at=sim.at or 0.0, busy_s=sim.busy_s)
+
+    def gpm_metrics(self, older: object, newer: object) -> GpmValues:
+        """What NVML derives from two samples: the busy fraction between them, scaled per field."""
+        if not isinstance(older, _GpmSample) or not isinstance(newer, _GpmSample) or older.gpu != newer.gpu:
+            raise GpuBackendError("GPM samples of different GPUs", GpuErrorKind.OTHER)
+        elapsed = newer.at - older.at
+        if elapsed <= 0:
+            raise GpuBackendError("GPM samples too close together", GpuErrorKind.OTHER)
+        busy = min(max((newer.busy_s - older.busy_s) / elapsed, 0.0), 1.0)
+        pcie = PCIE_IDLE_MIB_S + PCIE_BUSY_MIB_S * busy
+        return GpmValues(
+            graphics_util=100.0 * busy, sm_util=100.0 * SM_PER_LOAD * busy,
+            sm_occupancy=100.0 * OCCUPANCY_PER_LOAD * busy, tensor_util=100.0 * TENSOR_PER_LOAD * busy,
+            dram_bw_util=100.0 * DRAM_PER_LOAD * busy, pcie_tx_mib_s=pcie, pcie_rx_mib_s=pcie * 0.8,
+            nvlink_tx_mib_s=NVLINK_BUSY_MIB_S * busy, nvlink_rx_mib_s=NVLINK_BUSY_MIB_S * busy,
+        )
+
+    def gpm_free(self, sample: object) -> None:
+        return None
+
     def wait_xid(self, timeout_seconds: float) -> XidEvent | None:
         try:
             return self._xids.get(timeout=max(timeout_seconds, 0.0))
@@ -189,17 +252,18 @@ class SimulatedGpus:
         with self._lock:
             sim = self._sims[gpu]
             if sim.at is not None and now - sim.at < 0.01:
-                return _Sim(sim.activity, sim.heat, sim.energy_mj, sim.at)
+                return _Sim(sim.activity, sim.heat, sim.energy_mj, sim.busy_s, sim.at)
         target = self._target(gpu)
         with self._lock:
             sim = self._sims[gpu]
             dt = 0.0 if sim.at is None else max(now - sim.at, 0.0)
-            watts_before = self._watts(sim)
+            watts_before, activity_before = self._watts(sim), sim.activity
             sim.activity += (target - sim.activity) * (1 - math.exp(-dt / UTIL_TAU_S))
             sim.heat += (target - sim.heat) * (1 - math.exp(-dt / TEMP_TAU_S))
             sim.energy_mj += (watts_before + self._watts(sim)) / 2 * dt * 1000.0
+            sim.busy_s += (activity_before + sim.activity) / 2 * dt
             sim.at = now
-            return _Sim(sim.activity, sim.heat, sim.energy_mj, sim.at)
+            return _Sim(sim.activity, sim.heat, sim.energy_mj, sim.busy_s, sim.at)
 
 
 class StubLoad:

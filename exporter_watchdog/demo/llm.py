@@ -540,7 +540,8 @@ def add_llm_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"delay between tokens in ms (default {d.itl_ms:g})")
     parser.add_argument("--max-tokens", type=_checked(int, lambda v: v >= 0, "an integer >= 0"),
                         default=d.max_tokens, help=f"output length cap and default (default {d.max_tokens})")
-    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' on /v1/* (default: $VLLM_API_KEY, as vLLM)")
     parser.add_argument("--error-rate", type=_checked(float, lambda v: 0 <= v <= 1, "a number from 0 to 1"),
                         default=d.error_rate,
                         help="fraction of generation requests answered with HTTP 500 (default 0)")
@@ -558,7 +559,8 @@ def stub_config_from_args(args: argparse.Namespace) -> StubConfig:
         if not ok:
             raise ValueError(f"{name}: invalid value {value!r}")
     return StubConfig(host=args.host, port=args.port, model=args.model, ttft_ms=args.ttft_ms,
-                      itl_ms=args.itl_ms, max_tokens=args.max_tokens, api_key=args.api_key or None,
+                      itl_ms=args.itl_ms, max_tokens=args.max_tokens,
+                      api_key=args.api_key or os.environ.get("VLLM_API_KEY") or None,
                       error_rate=args.error_rate, seed=args.seed)
 
 

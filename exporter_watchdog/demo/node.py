@@ -15,6 +15,15 @@ from pathlib import Path
 
 from exporter_watchdog.detect.runner import CommandResult
 
+PARTITION = "demo"
+# Simulated job processes get PIDs above the kernel's pid_max (2^22), so they never name a real process.
+JOB_PID_BASE = 1 << 23
+
+
+def job_pid(job_id: str) -> int:
+    """The PID a demo job's simulated process shows on its GPUs."""
+    return JOB_PID_BASE + int(job_id)
+
 
 class DemoError(Exception):
     """A demo job request that cannot be met (bad GPU index, GPUs taken, unknown job)."""
@@ -145,6 +154,13 @@ class DemoNode:
         for job in self.jobs():
             self._remove(job)
 
+    def read_cgroup(self, pid: int) -> list[str] | None:
+        """/proc/PID/cgroup of a demo job's simulated process (its job cgroup here); None for any other PID."""
+        if pid < JOB_PID_BASE:
+            return None
+        job_id = str(pid - JOB_PID_BASE)
+        return [f"4:freezer:/slurm_{self.node}/uid_{os.getuid()}/job_{job_id}/step_batch/task_0"]
+
     # --- the scontrol stand-in ---------------------------------------------------------------------
 
     def scontrol(self, argv: Sequence[str], timeout: float) -> CommandResult:
@@ -164,7 +180,8 @@ class DemoNode:
         tres = "cpu=1,mem=0,node=1,billing=1" + (f",gres/gpu={len(job.gpus)}" if job.gpus else "")
         run = int(max(self._clock() - job.submitted_at, 0))
         return (
-            f"JobId={job.job_id} JobName=demo UserId={user}({uid}) GroupId={user}({uid}) JobState=RUNNING"
+            f"JobId={job.job_id} JobName=demo UserId={user}({uid}) GroupId={user}({uid}) Partition={PARTITION}"
+            f" JobState=RUNNING"
             f" Reason=None RunTime=00:00:{min(run, 59):02d} NodeList={self.node} BatchHost={self.node}"
             f" NumNodes=1 NumCPUs=1 TRES={tres} {'JOB_GRES=gpu:' + str(len(job.gpus)) + ' ' if job.gpus else ''}"
             f"Nodes={self.node} CPU_IDs=0 Mem=0 GRES={gres} MinCPUsNode=1 Command=(null)"

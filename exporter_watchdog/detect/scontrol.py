@@ -39,6 +39,8 @@ class JobGpus:
     job_id: str
     state: str | None
     gpus: frozenset[int]
+    user: str | None = None
+    partition: str | None = None
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,16 @@ class JobQuery:
     state: str | None
     duration: float  # seconds the call took
     error: str | None
+    user: str | None = None
+    partition: str | None = None
+
+
+def _user_name(user_id: str | None) -> str | None:
+    """`UserId=alice(1000)` -> `alice`; a bare uid when Slurm cannot resolve the name."""
+    if not user_id or user_id == "(null)":
+        return None
+    name = user_id.split("(", 1)[0]
+    return name or user_id.strip("()") or None
 
 
 def parse_index_list(text: str) -> frozenset[int]:
@@ -222,7 +234,10 @@ def parse_show_job(text: str, node: str, job_id: str | None = None) -> JobGpus:
         if missing:
             raise ScontrolParseError(f"job {record.job_id}: no {' or '.join(key + '=' for key in missing)}")
         gpus |= _gpus_on_node(record, node)
-    return JobGpus(job_id=job_id or chosen[0].job_id, state=chosen[0].first("JobState"), gpus=frozenset(gpus))
+    partition = chosen[0].first("Partition")
+    return JobGpus(job_id=job_id or chosen[0].job_id, state=chosen[0].first("JobState"), gpus=frozenset(gpus),
+                   user=_user_name(chosen[0].first("UserId")),
+                   partition=partition if partition and partition != "(null)" else None)
 
 
 class SlurmClient:
@@ -248,6 +263,8 @@ class SlurmClient:
         gpus: frozenset[int] | None = None
         state: str | None = None
         error: str | None = None
+        user: str | None = None
+        partition: str | None = None
         if not _JOB_ID_ARG.match(job_id):
             error = f"invalid job id {job_id!r}"
         else:
@@ -272,9 +289,11 @@ class SlurmClient:
                         error = f"unreadable scontrol output: {exc}"
                     else:
                         gpus, state = parsed.gpus, parsed.state
+                        user, partition = parsed.user, parsed.partition
         duration = self._clock() - start
         if error is not None:
             logger.warning("job {}: GPUs unknown: {} ({:.3f} s)", job_id, error, duration)
         else:
             logger.debug("job {}: state {} GPUs {} ({:.3f} s)", job_id, state, sorted(gpus or ()), duration)
-        return JobQuery(job_id=job_id, gpus=gpus, state=state, duration=duration, error=error)
+        return JobQuery(job_id=job_id, gpus=gpus, state=state, duration=duration, error=error, user=user,
+                        partition=partition)

@@ -112,7 +112,7 @@ class SnapshotCollector(Collector):
         yield GaugeMetricFamily(
             f"{PREFIX}_claimed_gpus", "GPUs claimed for the server.", value=len(snap.claimed_gpus)
         )
-        cgroup_jobs = [j for j in snap.jobs if j.source == JobSource.CGROUP]
+        cgroup_jobs = [j for j in snap.jobs if j.source in (JobSource.CGROUP, JobSource.SQUEUE)]
         yield GaugeMetricFamily(
             f"{PREFIX}_slurm_jobs", "Slurm jobs running on this node.", value=len(cgroup_jobs)
         )
@@ -141,6 +141,8 @@ class SnapshotCollector(Collector):
         )
         profile.add_metric([snap.profile, snap.model], 1)
         yield profile
+        if snap.tunnel_enabled:
+            yield from tunnel_families(snap)
         # exporter_watchdog_gpu_owner comes from GpuCollector (owners=snapshot_owners(...)): it sits with
         # the GPU's other series and still says something in exporter-only mode with no loop.
 
@@ -152,3 +154,19 @@ def snapshot_owners(snapshot: Callable[[], Snapshot]) -> Callable[[], Mapping[in
         return {gpu: owner.value for gpu, owner in snapshot().gpu_owner.items()}
 
     return owners
+
+
+def tunnel_families(snap: Snapshot) -> Iterable[Metric]:
+    """The tunnel connector's gauges and restarts; exported only with tunnel.enabled (absent = no tunnel)."""
+    yield GaugeMetricFamily(
+        f"{PREFIX}_tunnel_up", "1 while the tunnel connector (cloudflared) process runs, draining included.",
+        value=1 if snap.tunnel_pid else 0,
+    )
+    yield GaugeMetricFamily(
+        f"{PREFIX}_tunnel_ready",
+        "1 while the connector's /ready answers 200: an edge connection is registered.",
+        value=1 if snap.tunnel_ready else 0,
+    )
+    yield CounterMetricFamily(
+        f"{PREFIX}_tunnel_restarts", "Connector starts after it exited on its own.", value=snap.tunnel_restarts
+    )

@@ -1,4 +1,4 @@
-"""DCGM-compatible GPU families read through a GpuBackend, plus per-GPU health and ownership."""
+"""DCGM-compatible GPU families read through a GpuBackend, plus per-GPU health, ownership and per-job memory."""
 
 from __future__ import annotations
 
@@ -12,13 +12,21 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from exporter_watchdog.act.procs import read_cgroup as read_proc_cgroup
-from exporter_watchdog.metrics.nvml import GpuBackend, GpuBackendError, GpuProcess, XidEvent
+from exporter_watchdog.metrics.gpm import GPM_FAMILIES, GpmSampler
+from exporter_watchdog.metrics.jobs import GpuJob, JobsByGpu
+from exporter_watchdog.metrics.nvml import GpuBackend, GpuBackendError, GpuProcess, MigDevice
 from exporter_watchdog.metrics.ownership import CgroupReader, GpuOccupants, classify_processes
+from exporter_watchdog.metrics.xid import XidWatcher
+
+__all__ = ["DCGM_FAMILIES", "GpuCollector", "LABELS", "XidWatcher"]
 
 PREFIX = "exporter_watchdog"
 MIB = 1024 * 1024
-# dcgm-exporter's label set, in its order; Grafana's DCGM dashboard keys on `gpu` and `Hostname`.
+# dcgm-exporter's label set, in its order; Grafana's DCGM dashboard keys on `gpu` and `Hostname`. A MIG
+# instance adds GPU_I_PROFILE and GPU_I_ID; the driver version (a "label" field in dcgm-exporter) and
+# `hpc_job` (on GPUs a job holds) follow.
 LABELS = ("gpu", "UUID", "pci_bus_id", "device", "modelName", "Hostname")
+DRIVER_LABEL = "DCGM_FI_DRIVER_VERSION"
 OWNERS = ("free", "watchdog", "slurm")
 
 # name -> (help, type). Counters keep dcgm-exporter's names: no `_total`, which dashboards query as is.
@@ -38,7 +46,13 @@ DCGM_FAMILIES: dict[str, tuple[str, str]] = {
     "DCGM_FI_DEV_FB_FREE": ("Framebuffer memory free (in MiB).", "gauge"),
     "DCGM_FI_DEV_FB_USED": ("Framebuffer memory used (in MiB).", "gauge"),
     "DCGM_FI_DEV_FB_RESERVED": ("Framebuffer memory reserved (in MiB).", "gauge"),
+    "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS": ("Number of remapped rows for uncorrectable errors", "counter"),
+    "DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS": ("Number of remapped rows for correctable errors", "counter"),
+    "DCGM_FI_DEV_ROW_REMAP_FAILURE": ("Whether remapping of rows has failed", "gauge"),
+    **{name: (doc, "gauge") for name, doc in GPM_FAMILIES.items()},
 }
+# Families a MIG instance has of its own (NVML answers these for a MIG device handle).
+MIG_FAMILIES = ("DCGM_FI_DEV_FB_FREE", "DCGM_FI_DEV_FB_USED")
 
 
 def _utilization(b: GpuBackend, gpu: int) -> dict[str, float]:
@@ -54,6 +68,13 @@ def _memory(b: GpuBackend, gpu: int) -> dict[str, float]:
     return out
 
 
+def _remapped(b: GpuBackend, gpu: int) -> dict[str, float]:
+    r = b.remapped_rows(gpu)
+    return {"DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS": float(r.correctable),
+            "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS": float(r.uncorrectable),
+            "DCGM_FI_DEV_ROW_REMAP_FAILURE": 1.0 if r.failed else 0.0}
+
+
 # One reader per NVML call: a NOT_SUPPORTED answer is remembered per GPU and that call is not made again.
 _READERS: tuple[tuple[str, Callable[[GpuBackend, int], dict[str, float]]], ...] = (
     ("utilization", _utilization),
@@ -67,76 +88,17 @@ _READERS: tuple[tuple[str, Callable[[GpuBackend, int], dict[str, float]]], ...] 
     ("sm_clock", lambda b, g: {"DCGM_FI_DEV_SM_CLOCK": b.sm_clock_mhz(g)}),
     ("mem_clock", lambda b, g: {"DCGM_FI_DEV_MEM_CLOCK": b.mem_clock_mhz(g)}),
     ("pcie_replay", lambda b, g: {"DCGM_FI_DEV_PCIE_REPLAY_COUNTER": b.pcie_replay_count(g)}),
+    ("remapped_rows", _remapped),
 )
-
-
-class XidWatcher:
-    """A thread that waits on the backend's XID events and keeps the last XID and counts per GPU."""
-
-    def __init__(self, backend: GpuBackend, poll_seconds: float = 1.0) -> None:
-        self._backend = backend
-        self._poll = poll_seconds
-        self._lock = threading.Lock()
-        self._last: dict[int, int] = {}
-        self._counts: dict[tuple[int, int], int] = {}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> XidWatcher:
-        self._thread = threading.Thread(target=self._run, name="xid-watcher", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Ask the thread to end and wait for it (at most one poll interval)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def snapshot(self) -> tuple[dict[int, int], dict[tuple[int, int], int]]:
-        """(last XID per GPU, count per (GPU, XID)), copied."""
-        with self._lock:
-            return dict(self._last), dict(self._counts)
-
-    def _record(self, event: XidEvent) -> None:
-        with self._lock:
-            self._last[event.gpu] = event.xid
-            key = (event.gpu, event.xid)
-            self._counts[key] = self._counts.get(key, 0) + 1
-        logger.warning("GPU {}: XID {}", event.gpu, event.xid)
-
-    def _run(self) -> None:
-        backoff = 1.0
-        while not self._stop.is_set():
-            try:
-                event = self._backend.wait_xid(self._poll)
-            except GpuBackendError as exc:
-                if exc.not_supported:
-                    logger.info("XID events unavailable: {}", exc)
-                    return
-                logger.warning("XID wait failed (retrying in {:.0f} s): {}", backoff, exc)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 60.0)
-                continue
-            except Exception:
-                logger.exception("XID wait failed (retrying in {:.0f} s)", backoff)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 60.0)
-                continue
-            backoff = 1.0
-            if event is not None:
-                self._record(event)
 
 
 @dataclass
 class _GpuReading:
-    labels: dict[str, str]  # shared by every sample of this GPU in one pass (read-only)
+    labels: dict[str, str]  # identity labels of this GPU (no hpc_job)
     values: dict[str, float]
     occupants: GpuOccupants | None  # None when the process list is not supported
+    procs: list[GpuProcess] = field(default_factory=list)
+    migs: list[MigDevice] = field(default_factory=list)
 
 
 @dataclass
@@ -148,11 +110,14 @@ class _GpuHealth:
 
 
 class GpuCollector(Collector):
-    """The DCGM families for every GPU the backend shows; a sick GPU costs only its own series."""
+    """The DCGM families for every GPU the backend shows; a sick GPU costs only its own series.
+
+    Without a backend (NVML could not be loaded) it still says what the daemon knows of the node's
+    `node_gpus` GPUs: each one down, and its owner."""
 
     def __init__(
         self,
-        backend: GpuBackend,
+        backend: GpuBackend | None,
         hostname: str,
         owners: Callable[[], Mapping[int, str]] | None = None,
         server_pids: Callable[[], set[int]] | None = None,
@@ -161,6 +126,9 @@ class GpuCollector(Collector):
         *,
         xids: XidWatcher | None = None,
         read_cgroup: CgroupReader = read_proc_cgroup,
+        node_gpus: int = 0,
+        jobs: Callable[[], JobsByGpu] | None = None,
+        gpm: GpmSampler | None = None,
     ) -> None:
         self._backend = backend
         self._hostname = hostname
@@ -170,6 +138,9 @@ class GpuCollector(Collector):
         self._clock = clock
         self._xids = xids
         self._read_cgroup = read_cgroup
+        self._node_gpus = node_gpus
+        self._jobs = jobs
+        self._gpm = gpm
         self._lock = threading.Lock()  # one NVML pass at a time; scrapes that wait get its result
         self._cached: list[Metric] | None = None
         self._cached_at = 0.0
@@ -177,6 +148,9 @@ class GpuCollector(Collector):
         self._errors = 0
         self._passes = 0
         self._owners_failed = False
+        self._jobs_failed = False
+        self._driver: str | None = None
+        self._driver_asked = False
 
     @property
     def passes(self) -> int:
@@ -203,7 +177,7 @@ class GpuCollector(Collector):
                 reading = self._read_gpu(gpu, server_pids)
                 if reading is not None:
                     readings[gpu] = reading
-            metrics = self._render(readings)
+            metrics = self._render(readings, self._call_jobs())
         except Exception:  # a bug here must not take /metrics down: report it as a failed pass
             logger.exception("GPU collection failed")
             self._errors += 1
@@ -218,6 +192,8 @@ class GpuCollector(Collector):
         return [*metrics, duration, errors]
 
     def _gpu_indices(self) -> list[int]:
+        if self._backend is None:
+            return []
         try:
             count = self._backend.device_count()
         except GpuBackendError as exc:
@@ -243,9 +219,32 @@ class GpuCollector(Collector):
             logger.exception("server_pids() failed")
             return set()
 
+    def _call_jobs(self) -> JobsByGpu:
+        if self._jobs is None:
+            return {}
+        try:
+            jobs = self._jobs()
+        except Exception:
+            if not self._jobs_failed:
+                logger.exception("jobs() failed; GPU series go without hpc_job")
+            self._jobs_failed = True
+            return {}
+        self._jobs_failed = False
+        return jobs
+
+    def _driver_version(self, b: GpuBackend) -> str | None:
+        if not self._driver_asked:
+            self._driver_asked = True
+            try:
+                self._driver = b.driver_version()
+            except GpuBackendError as exc:
+                logger.info("driver version unavailable: {}", exc)
+        return self._driver
+
     def _read_gpu(self, gpu: int, server_pids: set[int]) -> _GpuReading | None:
         health = self._health.setdefault(gpu, _GpuHealth())
         b = self._backend
+        assert b is not None
         try:
             identity = health.identity
             if identity is None:
@@ -268,14 +267,23 @@ class GpuCollector(Collector):
                         raise
                     health.unsupported.add(key)
             occupants = None
+            procs: list[GpuProcess] = []
             if "processes" not in health.unsupported:
                 try:
-                    procs: list[GpuProcess] = b.compute_processes(gpu)
+                    procs = b.compute_processes(gpu)
                     occupants = classify_processes(procs, server_pids, self._read_cgroup)
                 except GpuBackendError as exc:
                     if not exc.not_supported:
                         raise
                     health.unsupported.add("processes")
+            migs: list[MigDevice] = []
+            if "mig" not in health.unsupported:
+                try:
+                    migs = b.mig_devices(gpu)
+                except GpuBackendError as exc:
+                    if not exc.not_supported:
+                        raise
+                    health.unsupported.add("mig")  # MIG off: asked again only after the GPU is re-read
         except Exception as exc:
             self._errors += 1
             lost = isinstance(exc, GpuBackendError) and exc.lost
@@ -287,30 +295,62 @@ class GpuCollector(Collector):
         if not health.up:
             logger.info("GPU {}: readable again", gpu)
         health.up, health.lost = True, False
-        return _GpuReading(labels=dict(zip(LABELS, identity, strict=True)), values=values, occupants=occupants)
+        labels = dict(zip(LABELS, identity, strict=True))
+        driver = self._driver_version(b)
+        if driver:
+            labels[DRIVER_LABEL] = driver
+        return _GpuReading(labels=labels, values=values, occupants=occupants, procs=procs, migs=migs)
 
     # --- render ---------------------------------------------------------------------------------
 
-    def _render(self, readings: dict[int, _GpuReading]) -> list[Metric]:
+    @staticmethod
+    def _variants(labels: dict[str, str], jobs: tuple[GpuJob, ...]) -> list[dict[str, str]]:
+        """The label sets of one GPU's series: one per job holding it (as dcgm-exporter), or one without hpc_job."""
+        if not jobs:
+            return [labels]
+        return [{**labels, "hpc_job": job.job_id} for job in jobs]
+
+    def _render(self, readings: dict[int, _GpuReading], jobs: JobsByGpu) -> list[Metric]:
         out: list[Metric] = []
         last_xid: dict[int, int] = {}
         xid_counts: dict[tuple[int, int], int] = {}
         if self._xids is not None:
             last_xid, xid_counts = self._xids.snapshot()
+        gpm = self._gpm.values() if self._gpm is not None else {}
+        # Label dicts made once per pass and shared by every family: the text writer escapes each once.
+        series: list[tuple[int, list[dict[str, str]], dict[str, float]]] = []
+        mig_series: list[tuple[list[dict[str, str]], dict[str, float]]] = []
+        for gpu, reading in sorted(readings.items()):
+            values = dict(reading.values)
+            values.update(gpm.get(gpu, {}))
+            if self._xids is not None:
+                values["DCGM_FI_DEV_XID_ERRORS"] = float(last_xid.get(gpu, 0))
+            series.append((gpu, self._variants(reading.labels, jobs.get(str(gpu), ())), values))
+            for mig in reading.migs:
+                labels = {**reading.labels, "GPU_I_PROFILE": mig.profile, "GPU_I_ID": str(mig.gpu_instance_id)}
+                key = f"{gpu}.{mig.gpu_instance_id}"
+                mig_values = {"DCGM_FI_DEV_FB_USED": float(mig.memory.used // MIB),
+                              "DCGM_FI_DEV_FB_FREE": float(mig.memory.free // MIB)}
+                mig_series.append((self._variants(labels, jobs.get(key, ())), mig_values))
         for name, (doc, kind) in DCGM_FAMILIES.items():
             family = Metric(name, doc, kind)
-            for gpu, reading in sorted(readings.items()):
-                if name == "DCGM_FI_DEV_XID_ERRORS":
-                    if self._xids is not None:
-                        family.add_sample(name, reading.labels, float(last_xid.get(gpu, 0)))
-                elif name in reading.values:
-                    family.add_sample(name, reading.labels, reading.values[name])
+            for _gpu, variants, values in series:
+                value = values.get(name)
+                if value is not None:
+                    for labels in variants:
+                        family.add_sample(name, labels, value)
+            if name in MIG_FAMILIES:
+                for variants, values in mig_series:
+                    for labels in variants:
+                        family.add_sample(name, labels, values[name])
             if family.samples:
                 out.append(family)
 
         up = GaugeMetricFamily(f"{PREFIX}_gpu_up", "1 when NVML answered for the GPU.", labels=["gpu"])
         lost = GaugeMetricFamily(f"{PREFIX}_gpu_lost", "1 when NVML says the GPU is lost.", labels=["gpu"])
-        for gpu, health in sorted(self._health.items()):
+        # GPUs the node has (node.gpus) that NVML never showed are down too: the hardware view is missing.
+        for gpu in sorted(set(self._health) | set(range(self._node_gpus))):
+            health = self._health.get(gpu, _GpuHealth(up=False))
             up.add_metric([str(gpu)], 1.0 if health.up else 0.0)
             lost.add_metric([str(gpu)], 1.0 if health.lost else 0.0)
         out += [up, lost]
@@ -331,10 +371,36 @@ class GpuCollector(Collector):
             if reading.occupants is not None:
                 foreign.add_metric([str(gpu)], float(len(reading.occupants.foreign)))
         out.append(foreign)
-        out.append(self._owner_family(readings))
+        out.append(self._memory_family(readings))
+        out.append(self._owner_family(readings, jobs))
         return out
 
-    def _owner_family(self, readings: dict[int, _GpuReading]) -> Metric:
+    def _memory_family(self, readings: dict[int, _GpuReading]) -> Metric:
+        """GPU memory of the processes NVML lists, summed per owner and job (never per PID: bounded series)."""
+        family = GaugeMetricFamily(
+            f"{PREFIX}_gpu_memory_used_bytes",
+            "GPU memory used by processes, per owner (watchdog, slurm, foreign) and Slurm job.",
+            labels=["gpu", "owner", "hpc_job"],
+        )
+        for gpu, reading in sorted(readings.items()):
+            occ = reading.occupants
+            if occ is None:
+                continue
+            server = set(occ.server)
+            sums: dict[tuple[str, str], float] = {}
+            for proc in reading.procs:
+                if proc.pid in server:
+                    key = ("watchdog", "")
+                elif proc.pid in occ.slurm:
+                    key = ("slurm", occ.slurm[proc.pid])
+                else:
+                    key = ("foreign", "")
+                sums[key] = sums.get(key, 0.0) + float(proc.used_memory or 0)
+            for (owner, job), used in sorted(sums.items()):
+                family.add_metric([str(gpu), owner, job], used)
+        return family
+
+    def _owner_family(self, readings: dict[int, _GpuReading], jobs: JobsByGpu) -> Metric:
         known: dict[int, str] = {}
         if self._owners is not None:
             try:
@@ -345,12 +411,16 @@ class GpuCollector(Collector):
                     logger.exception("owners() failed; deriving GPU owners from processes")
                 self._owners_failed = True
         owners: dict[int, str] = dict(known)
-        for gpu, reading in readings.items():
+        job_gpus = {int(key.split(".", 1)[0]) for key, held in jobs.items() if held}
+        for gpu in sorted(set(readings) | job_gpus):
             if gpu in owners:
                 continue
-            # Without the daemon's view, say what the process list shows.
-            occ = reading.occupants
-            owners[gpu] = "slurm" if occ and occ.slurm else "watchdog" if occ and occ.server else "free"
+            # Without the daemon's view, say what the job map and the process list show.
+            occ = readings[gpu].occupants if gpu in readings else None
+            if gpu in job_gpus or (occ and occ.slurm):
+                owners[gpu] = "slurm"
+            else:
+                owners[gpu] = "watchdog" if occ and occ.server else "free"
         family = GaugeMetricFamily(
             f"{PREFIX}_gpu_owner", "1 for the current owner of each GPU.", labels=["gpu", "owner"]
         )

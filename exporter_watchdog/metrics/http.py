@@ -7,12 +7,13 @@ import json
 import socket
 import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from loguru import logger
 from prometheus_client import CollectorRegistry
 
+from exporter_watchdog.metrics.connections import ConnectionLoop, LoopFirst
 from exporter_watchdog.metrics.exposition import CONTENT_TYPE, render_text
 
 # Below this size gzip costs more time than the bytes it saves on loopback or a LAN.
@@ -37,13 +38,15 @@ def _accepts_gzip(header: str | None) -> bool:
     return False
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-
-class _Server6(_Server):
-    address_family = socket.AF_INET6
+# Threads that build answers (all socket I/O is on one selector thread). Rendering holds the
+# interpreter lock, so more workers would not answer faster; they would only make the daemon's loop
+# wait longer for the lock (benchmarks/metrics_load.py). Two: one slow request does not stall the rest.
+WORKERS = 2
+# A keep-alive connection quiet this long is closed; longer than Prometheus's default 15 s interval.
+IDLE_TIMEOUT = 30.0
+# Open connections at most; past it the one idle longest is closed to make room.
+MAX_CONNECTIONS = 256
+BACKLOG = 256
 
 
 class MetricsServer:
@@ -55,12 +58,21 @@ class MetricsServer:
         registry: CollectorRegistry,
         status: Callable[[], dict[str, Any]],
         healthy: Callable[[], bool],
+        *,
+        workers: int = WORKERS,
+        idle_timeout: float = IDLE_TIMEOUT,
+        max_connections: int = MAX_CONNECTIONS,
+        loop_first: LoopFirst | None = None,
     ) -> None:
         self._host, self._port = parse_listen(listen)
         self._registry = registry
         self._status = status
         self._healthy = healthy
-        self._server: _Server | None = None
+        self._workers = workers
+        self._idle_timeout = idle_timeout
+        self._max_connections = max_connections
+        self._loop_first = loop_first
+        self._server: ConnectionLoop | None = None
         self._thread: threading.Thread | None = None
 
     @property
@@ -73,22 +85,40 @@ class MetricsServer:
     def start(self) -> MetricsServer:
         """Bind and serve; raise OSError naming the address when it cannot bind."""
         handler = _make_handler(self._registry, self._status, self._healthy)
-        server_cls = _Server6 if ":" in self._host else _Server
+        sock = socket.socket(socket.AF_INET6 if ":" in self._host else socket.AF_INET, socket.SOCK_STREAM)
         try:
-            self._server = server_cls((self._host, self._port), handler)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self._host, self._port))
+            sock.listen(BACKLOG)
         except OSError as exc:
+            sock.close()
             raise OSError(exc.errno, f"cannot listen on {self._host}:{self._port}: {exc.strerror}") from exc
-        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
+        self._server = ConnectionLoop(sock, handler, workers=self._workers, idle_timeout=self._idle_timeout,
+                                      max_connections=self._max_connections, loop_first=self._loop_first)
+        self._thread = threading.Thread(target=self._serve, args=(self._server, sock), name="metrics-http",
+                                        daemon=True)
         self._thread.start()
         logger.info("metrics on http://{}:{}/metrics", self._host, self.port)
         return self
 
+    def open_connections(self) -> int:
+        """Connections open right now (idle keep-alives included)."""
+        return self._server.open_connections() if self._server is not None else 0
+
+    @staticmethod
+    def _serve(loop: ConnectionLoop, sock: socket.socket) -> None:
+        try:
+            loop.serve_forever()
+        except Exception:
+            logger.exception("the metrics server stopped")
+        finally:
+            sock.close()
+
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop accepting, close the socket and wait for the serving thread."""
+        """Stop accepting, close the socket and every connection, and wait for the serving thread."""
         if self._server is None:
             return
         self._server.shutdown()
-        self._server.server_close()
         if self._thread is not None:
             self._thread.join(timeout)
         self._server = None
@@ -100,11 +130,9 @@ def _make_handler(
 ) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive: Prometheus reuses its connection between scrapes
-        # Headers and body leave in one buffered write, sent at once: with Nagle on, a second small
-        # write on a keep-alive connection waits for the peer's delayed ACK (40 ms on Linux).
-        wbufsize = -1
-        disable_nagle_algorithm = True
-        timeout = 30  # a client that stalls mid-request frees its thread
+        # ConnectionLoop buffers each answer into one write and sets TCP_NODELAY (with Nagle on, a second
+        # small write on a keep-alive connection waits for the peer's delayed ACK, 40 ms on Linux); it
+        # reads whole request heads before a worker sees them, so a stalled client costs no thread.
         server_version = "exporter-watchdog"
 
         def do_GET(self) -> None:

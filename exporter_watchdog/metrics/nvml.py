@@ -69,6 +69,40 @@ class GpuProcess:
 
 
 @dataclass(frozen=True)
+class RemappedRows:
+    """nvmlDeviceGetRemappedRows: rows remapped for correctable/uncorrectable errors, pending, failed."""
+
+    correctable: int
+    uncorrectable: int
+    pending: bool
+    failed: bool
+
+
+@dataclass(frozen=True)
+class MigDevice:
+    """One MIG instance of a GPU: its GPU instance id, profile name (`1g.6gb`) and memory."""
+
+    gpu_instance_id: int
+    profile: str
+    memory: MemoryInfo
+
+
+@dataclass(frozen=True)
+class GpmValues:
+    """What nvmlGpmMetricsGet derives from two samples, in NVML's units: percent and MiB/s (None: not given)."""
+
+    graphics_util: float | None = None
+    sm_util: float | None = None
+    sm_occupancy: float | None = None
+    tensor_util: float | None = None  # any tensor pipe (HMMA, IMMA, DMMA), as DCGM's PIPE_TENSOR_ACTIVE
+    dram_bw_util: float | None = None
+    pcie_tx_mib_s: float | None = None
+    pcie_rx_mib_s: float | None = None
+    nvlink_tx_mib_s: float | None = None
+    nvlink_rx_mib_s: float | None = None
+
+
+@dataclass(frozen=True)
 class XidEvent:
     """An XID error reported by the driver for one GPU."""
 
@@ -112,6 +146,28 @@ class GpuBackend(Protocol):
     def pcie_replay_count(self, gpu: int) -> float: ...
 
     def compute_processes(self, gpu: int) -> list[GpuProcess]: ...
+
+    def driver_version(self) -> str: ...
+
+    def remapped_rows(self, gpu: int) -> RemappedRows: ...
+
+    def nvlink_links(self, gpu: int) -> int:
+        """Active NVLink links of the GPU (0 or NOT_SUPPORTED on PCIe-only boards)."""
+        ...
+
+    def mig_devices(self, gpu: int) -> list[MigDevice]:
+        """The GPU's MIG instances; NOT_SUPPORTED when MIG is off or not available."""
+        ...
+
+    def gpm_supported(self, gpu: int) -> bool: ...
+
+    def gpm_sample(self, gpu: int) -> object:
+        """Take one GPM sample (an opaque handle the caller frees with gpm_free)."""
+        ...
+
+    def gpm_metrics(self, older: object, newer: object) -> GpmValues: ...
+
+    def gpm_free(self, sample: object) -> None: ...
 
     def wait_xid(self, timeout_seconds: float) -> XidEvent | None:
         """Block up to timeout_seconds for the next XID event; None on timeout."""
@@ -256,6 +312,103 @@ class NvmlBackend:
             out.append(GpuProcess(pid=int(p.pid), used_memory=int(used) if used is not None else None))
         return out
 
+    def driver_version(self) -> str:
+        return _text(self._call(self._nvml.nvmlSystemGetDriverVersion))
+
+    def remapped_rows(self, gpu: int) -> RemappedRows:
+        corr, unc, pending, failed = self._call(self._nvml.nvmlDeviceGetRemappedRows, self._handle(gpu))
+        return RemappedRows(correctable=int(corr), uncorrectable=int(unc), pending=bool(pending), failed=bool(failed))
+
+    def nvlink_links(self, gpu: int) -> int:
+        nvml = self._nvml
+        handle = self._handle(gpu)
+        active = 0
+        for link in range(int(getattr(nvml, "NVML_NVLINK_MAX_LINKS", 18))):
+            try:
+                state = self._call(nvml.nvmlDeviceGetNvLinkState, handle, link)
+            except GpuBackendError as exc:
+                if exc.lost:
+                    raise
+                if link == 0 and exc.not_supported:
+                    raise
+                break  # past the last link (INVALID_ARGUMENT) or a link that does not exist
+            active += 1 if state == nvml.NVML_FEATURE_ENABLED else 0
+        return active
+
+    def mig_devices(self, gpu: int) -> list[MigDevice]:
+        nvml = self._nvml
+        handle = self._handle(gpu)
+        current, _pending = self._call(nvml.nvmlDeviceGetMigMode, handle)
+        if current != nvml.NVML_DEVICE_MIG_ENABLE:
+            raise GpuBackendError("MIG is disabled", GpuErrorKind.NOT_SUPPORTED)
+        out: list[MigDevice] = []
+        for index in range(int(self._call(nvml.nvmlDeviceGetMaxMigDeviceCount, handle))):
+            try:
+                mig = self._call(nvml.nvmlDeviceGetMigDeviceHandleByIndex, handle, index)
+            except GpuBackendError as exc:
+                if exc.lost:
+                    raise
+                continue  # an empty slot
+            gi = int(self._call(nvml.nvmlDeviceGetGpuInstanceId, mig))
+            mem = self._call(nvml.nvmlDeviceGetMemoryInfo, mig)
+            profile = _mig_profile(_text(self._call(nvml.nvmlDeviceGetName, mig)))
+            out.append(MigDevice(gpu_instance_id=gi, profile=profile,
+                                 memory=MemoryInfo(total=mem.total, used=mem.used, free=mem.free, reserved=None)))
+        return out
+
+    def gpm_supported(self, gpu: int) -> bool:
+        try:
+            support = self._call(self._nvml.nvmlGpmQueryDeviceSupport, self._handle(gpu))
+        except GpuBackendError as exc:
+            if exc.lost:
+                raise
+            return False  # pre-Hopper boards, or a driver without GPM
+        return bool(support.isSupportedDevice)
+
+    def gpm_sample(self, gpu: int) -> object:
+        nvml = self._nvml
+        sample = self._call(nvml.nvmlGpmSampleAlloc)
+        try:
+            self._call(nvml.nvmlGpmSampleGet, self._handle(gpu), sample)
+        except GpuBackendError:
+            nvml.nvmlGpmSampleFree(sample)
+            raise
+        return sample
+
+    def gpm_metrics(self, older: object, newer: object) -> GpmValues:
+        nvml = self._nvml
+        ids = {
+            "graphics_util": nvml.NVML_GPM_METRIC_GRAPHICS_UTIL,
+            "sm_util": nvml.NVML_GPM_METRIC_SM_UTIL,
+            "sm_occupancy": nvml.NVML_GPM_METRIC_SM_OCCUPANCY,
+            "tensor_util": nvml.NVML_GPM_METRIC_ANY_TENSOR_UTIL,
+            "dram_bw_util": nvml.NVML_GPM_METRIC_DRAM_BW_UTIL,
+            "pcie_tx_mib_s": nvml.NVML_GPM_METRIC_PCIE_TX_PER_SEC,
+            "pcie_rx_mib_s": nvml.NVML_GPM_METRIC_PCIE_RX_PER_SEC,
+            "nvlink_tx_mib_s": nvml.NVML_GPM_METRIC_NVLINK_TOTAL_TX_PER_SEC,
+            "nvlink_rx_mib_s": nvml.NVML_GPM_METRIC_NVLINK_TOTAL_RX_PER_SEC,
+        }
+        request = nvml.c_nvmlGpmMetricsGet_t()
+        request.version = nvml.NVML_GPM_METRICS_GET_VERSION
+        request.numMetrics = len(ids)
+        request.sample1 = older
+        request.sample2 = newer
+        for i, metric_id in enumerate(ids.values()):
+            request.metrics[i].metricId = metric_id
+        self._call(nvml.nvmlGpmMetricsGet, request)
+        values: dict[str, float] = {}
+        for i, key in enumerate(ids):
+            metric = request.metrics[i]
+            if metric.nvmlReturn == nvml.NVML_SUCCESS:
+                values[key] = float(metric.value)
+        return GpmValues(**values)
+
+    def gpm_free(self, sample: object) -> None:
+        try:
+            self._nvml.nvmlGpmSampleFree(sample)
+        except self._nvml.NVMLError as exc:
+            logger.debug("GPM sample free: {}", exc)
+
     def _ensure_event_set(self) -> Any:
         """Create the XID event set on first use, registering every GPU that supports XID events."""
         with self._lock:
@@ -314,6 +467,12 @@ class NvmlBackend:
 
 def _text(value: Any) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _mig_profile(name: str) -> str:
+    """`NVIDIA A100-SXM4-40GB MIG 1g.5gb` -> `1g.5gb`, the GPU_I_PROFILE value dcgm-exporter shows."""
+    head, sep, tail = name.rpartition("MIG ")
+    return tail.strip() if sep else name
 
 
 def _handle_key(handle: Any) -> int:

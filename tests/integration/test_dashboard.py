@@ -26,6 +26,7 @@ from tests.support.prom import (
     wait_for,
     write_prometheus_config,
 )
+from tests.support.tunnel import FAKE_CLOUDFLARED
 
 pytestmark = pytest.mark.prometheus
 
@@ -156,11 +157,17 @@ def stream_requests(port: int, count: int) -> None:
 def demo_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoStack]:
     tools = require_binaries("prometheus")
     tmp = tmp_path_factory.mktemp("dash")
-    daemon = DaemonProc(tmp, {"claim": {"gpus": 2, "cooldown_seconds": 1.0}})
+    # The tunnel connector is played by tests/support/fake_cloudflared.py (no cloudflared here).
+    tunnel_port = free_port()
+    (tmp / "tunnel-token").write_text("dashboard-test-token\n")
+    tunnel = {"enabled": True, "cloudflared": FAKE_CLOUDFLARED, "token_file": str(tmp / "tunnel-token"),
+              "metrics": f"127.0.0.1:{tunnel_port}", "grace_seconds": 1.0, "allow_unauthenticated": True}
+    daemon = DaemonProc(tmp, {"claim": {"gpus": 2, "cooldown_seconds": 1.0}, "tunnel": tunnel})
     prometheus: Prometheus | None = None
     try:
         daemon.start(timeout=START_TIMEOUT)
-        groups = targets.build_targets(["127.0.0.1"], daemon_port=daemon.metrics_port, server_port=daemon.server_port)
+        groups = targets.build_targets(["127.0.0.1"], daemon_port=daemon.metrics_port, server_port=daemon.server_port,
+                                       tunnel_metrics_port=tunnel_port)
         # Written by hand: one without a node label, one for a job that no scrape config keeps.
         groups += [{"targets": [f"localhost:{free_port()}"], "labels": {"job": "exporter-watchdog"}},
                    {"targets": [f"127.0.0.1:{free_port()}"], "labels": {"job": "unknown", "node": "n9"}}]
@@ -218,7 +225,8 @@ def test_every_query_returns_data_after_requests_and_a_yield(demo_stack: DemoSta
 
 def test_targets_are_kept_by_their_job_and_labelled_with_their_node(demo_stack: DemoStack) -> None:
     active = {(t["labels"]["job"], t["labels"]["node"]) for t in demo_stack.prometheus.targets()}
-    assert active == {("exporter-watchdog", "127.0.0.1"), ("vllm", "127.0.0.1"), ("exporter-watchdog", "localhost")}
+    assert active == {("exporter-watchdog", "127.0.0.1"), ("vllm", "127.0.0.1"), ("cloudflared", "127.0.0.1"),
+                      ("exporter-watchdog", "localhost")}
 
 
 def test_variables_list_the_demo_node_and_its_gpus(demo_stack: DemoStack) -> None:
@@ -230,7 +238,6 @@ def test_variables_list_the_demo_node_and_its_gpus(demo_stack: DemoStack) -> Non
 
 # Names the rules use that a healthy demo node does not export, and why.
 ABSENT_IN_DEMO = {
-    "cloudflared_tunnel_ha_connections": "the demo runs no tunnel",
     "exporter_watchdog_gpu_xid_errors_total": "a series appears with a GPU's first XID",
 }
 OUR_NAMES = re.compile(r"(?:exporter_watchdog_|DCGM_FI_DEV_|vllm:|cloudflared_|node:|:)[A-Za-z0-9_:]*")

@@ -209,7 +209,7 @@ def test_real_prometheus_stores_the_dcgm_and_daemon_series(node: Node, tmp_path:
         wait_for(lambda: len(query("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION")) == 2, 60, "the energy counter")
         energy = query("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION")
         labels = {k for k in energy[0]["metric"] if k not in ("__name__", "instance", "job")}
-        assert labels == {"gpu", "UUID", "device", "modelName", "pci_bus_id", "Hostname"}
+        assert labels == {"gpu", "UUID", "device", "modelName", "pci_bus_id", "Hostname", "DCGM_FI_DRIVER_VERSION"}
         assert {e["metric"]["gpu"] for e in energy} == {"0", "2"}
         assert {e["metric"]["gpu"]: e["value"][1] for e in query("exporter_watchdog_gpu_up")} == {
             "0": "1", "1": "0", "2": "1"}

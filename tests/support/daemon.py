@@ -64,7 +64,7 @@ class DaemonProc:
 
     def __init__(self, tmp: Path, config: dict[str, Any] | None = None, *, demo: bool = True,
                  args: Sequence[str] = (), env: dict[str, str] | None = None,
-                 prefix: Sequence[str] = ()) -> None:
+                 prefix: Sequence[str] = (), exe: Sequence[str] = tuple(EXE)) -> None:
         self.tmp = tmp
         self.metrics_port = free_port()
         self.server_port = free_port()
@@ -87,6 +87,7 @@ class DaemonProc:
         self.args = list(args)
         self.env = {**os.environ, **(env or {})}
         self.prefix = list(prefix)
+        self.exe = list(exe)  # what runs `serve` (a test's launcher with fake GPUs, say)
         self.log_path = tmp / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -100,7 +101,7 @@ class DaemonProc:
         self.config_path.write_text(yaml.safe_dump(self.config))
 
     def start(self, wait_state: str | None = "serving", timeout: float = 60.0) -> DaemonProc:
-        cmd = [*self.prefix, *EXE, "serve", "--config", str(self.config_path), *self.args]
+        cmd = [*self.prefix, *self.exe, "serve", "--config", str(self.config_path), *self.args]
         if self.demo:
             cmd.append("--demo")
         log = open(self.log_path, "ab")

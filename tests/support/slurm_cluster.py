@@ -454,6 +454,12 @@ GresTypes=gpu
 CGROUP_CONF = "CgroupPlugin=autodetect\nConstrainCores=yes\nConstrainDevices=yes\nConstrainRAMSpace=no\n"
 
 
+def container_safe(conf: str) -> str:
+    """slurm.conf text made like an unprivileged container's (a RunPod pod): no job cgroups at all."""
+    return conf.replace("ProctrackType=proctrack/cgroup", "ProctrackType=proctrack/linuxproc").replace(
+        "TaskPlugin=task/cgroup", "TaskPlugin=task/none")
+
+
 class SlurmCluster(ClusterBase):
     """One node with fake GPUs: munged, slurmctld and slurmd on loopback, on free ports."""
 
@@ -466,8 +472,10 @@ class SlurmCluster(ClusterBase):
         cpus: int = 4,
         prolog: str | None = None,
         prolog_flags: str = "Contain",
+        no_cgroups: bool = False,
     ) -> None:
         super().__init__(workdir)
+        self.no_cgroups = no_cgroups  # proctrack/linuxproc and task/none, as in a container
         self.node = node
         self.nodes = [node]
         self.gpus = gpus
@@ -498,7 +506,7 @@ class SlurmCluster(ClusterBase):
             f"SlurmctldHost={host}(127.0.0.1)",
             f"SlurmctldPort={self.ctld_port}",
             f"SlurmdPort={self.slurmd_port}",
-            COMMON_CONF.format(sock=self.munge_socket, w=w).rstrip(),
+            (container_safe if self.no_cgroups else str)(COMMON_CONF.format(sock=self.munge_socket, w=w)).rstrip(),
             f"SlurmdSpoolDir={w}/spool",
             f"SlurmdPidFile={w}/run/slurmd.pid",
             f"SlurmdLogFile={w}/log/slurmd.log",

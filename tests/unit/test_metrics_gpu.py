@@ -12,12 +12,16 @@ from dataclasses import dataclass, field
 import pytest
 from prometheus_client import CollectorRegistry
 
-from exporter_watchdog.metrics.gpu import DCGM_FAMILIES, LABELS, GpuCollector, XidWatcher
+from exporter_watchdog.metrics.gpm import GPM_FAMILIES
+from exporter_watchdog.metrics.gpu import DCGM_FAMILIES, DRIVER_LABEL, LABELS, GpuCollector, XidWatcher
 from exporter_watchdog.metrics.nvml import (
+    GpmValues,
     GpuBackendError,
     GpuErrorKind,
     GpuProcess,
     MemoryInfo,
+    MigDevice,
+    RemappedRows,
     Utilization,
     XidEvent,
 )
@@ -44,6 +48,15 @@ class FakeGpu:
     enc: float = 1.0
     dec: float = 2.0
     procs: list[GpuProcess] = field(default_factory=list)
+    remapped: RemappedRows = field(default_factory=lambda: RemappedRows(2, 1, False, False))
+    migs: list[MigDevice] | None = None  # None: MIG off
+    gpm: bool = False
+    nvlink: int = 0
+    gpm_values: GpmValues = field(default_factory=GpmValues)
+
+
+NOT_SUPPORTED = GpuBackendError("Not Supported", GpuErrorKind.NOT_SUPPORTED)
+DRIVER = "550.54.15"
 
 
 class FakeBackend:
@@ -126,6 +139,36 @@ class FakeBackend:
     def compute_processes(self, gpu: int) -> list[GpuProcess]:
         return list(self._get(gpu, "compute_processes").procs)
 
+    def driver_version(self) -> str:
+        self.calls["driver_version"] += 1
+        return DRIVER
+
+    def remapped_rows(self, gpu: int) -> RemappedRows:
+        return self._get(gpu, "remapped_rows").remapped
+
+    def nvlink_links(self, gpu: int) -> int:
+        return self._get(gpu, "nvlink_links").nvlink
+
+    def mig_devices(self, gpu: int) -> list[MigDevice]:
+        migs = self._get(gpu, "mig_devices").migs
+        if migs is None:
+            raise NOT_SUPPORTED
+        return list(migs)
+
+    def gpm_supported(self, gpu: int) -> bool:
+        return self._get(gpu, "gpm_supported").gpm
+
+    def gpm_sample(self, gpu: int) -> object:
+        self._get(gpu, "gpm_sample")
+        return (gpu, self.calls["gpm_sample"])
+
+    def gpm_metrics(self, older: object, newer: object) -> GpmValues:
+        gpu = newer[0]  # type: ignore[index]
+        return self._get(gpu, "gpm_metrics").gpm_values
+
+    def gpm_free(self, sample: object) -> None:
+        self.calls["gpm_free"] += 1
+
     def wait_xid(self, timeout_seconds: float) -> XidEvent | None:
         try:
             item = self.xids.get(timeout=timeout_seconds)
@@ -159,7 +202,7 @@ def register(backend: FakeBackend, **kw: object) -> tuple[CollectorRegistry, Gpu
 def labels_of(gpu: int, backend: FakeBackend) -> dict[str, str]:
     g = backend.gpus[gpu]
     return {"gpu": str(gpu), "UUID": g.uuid, "pci_bus_id": f"00000000:{0x17 + gpu:02X}:00.0",
-            "device": f"nvidia{g.minor}", "modelName": "NVIDIA A30", "Hostname": "node7"}
+            "device": f"nvidia{g.minor}", "modelName": "NVIDIA A30", "Hostname": "node7", DRIVER_LABEL: DRIVER}
 
 
 def families(registry: CollectorRegistry) -> dict[str, object]:
@@ -180,10 +223,13 @@ def test_every_dcgm_family_with_units_types_and_labels() -> None:
     registry, _ = register(backend, xids=xids)
     fams = {m.name: m for m in registry.collect()}
     for name, (_doc, kind) in DCGM_FAMILIES.items():
+        if name in GPM_FAMILIES:
+            assert name not in fams, name  # no GPM sampler, no profiling families
+            continue
         assert fams[name].type == kind, name
         assert [s.name for s in fams[name].samples] == [name, name], name
         for sample in fams[name].samples:
-            assert tuple(sample.labels) == LABELS
+            assert tuple(sample.labels) == (*LABELS, DRIVER_LABEL)  # dcgm-exporter's order; no hpc_job
     for gpu in (0, 1):
         g, lab = backend.gpus[gpu], labels_of(gpu, backend)
 
@@ -205,6 +251,9 @@ def test_every_dcgm_family_with_units_types_and_labels() -> None:
         assert value("DCGM_FI_DEV_MEM_CLOCK") == g.mem_mhz
         assert value("DCGM_FI_DEV_PCIE_REPLAY_COUNTER") == g.replays
         assert value("DCGM_FI_DEV_XID_ERRORS") == 0
+        assert value("DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS") == 2
+        assert value("DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS") == 1
+        assert value("DCGM_FI_DEV_ROW_REMAP_FAILURE") == 0
         assert registry.get_sample_value("exporter_watchdog_gpu_up", {"gpu": str(gpu)}) == 1
         assert registry.get_sample_value("exporter_watchdog_gpu_lost", {"gpu": str(gpu)}) == 0
     assert fams["exporter_watchdog_gpu_up"].type == "gauge"
@@ -212,6 +261,7 @@ def test_every_dcgm_family_with_units_types_and_labels() -> None:
     assert fams["exporter_watchdog_gpu_xid_errors"].type == "counter"
     assert fams["exporter_watchdog_gpu_collect_errors"].type == "counter"
     assert registry.get_sample_value("exporter_watchdog_gpu_collect_errors_total") == 0
+    assert backend.calls["driver_version"] == 1  # asked once, not per GPU or pass
     duration = registry.get_sample_value("exporter_watchdog_gpu_collect_duration_seconds")
     assert duration is not None and duration >= 0
 

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 from exporter_watchdog.demo.gpus import IDLE_W, MAX_W, TOTAL_MIB, SimulatedGpus, StubLoad, running_requests
 from exporter_watchdog.demo.llm import StubConfig, StubServer
+from exporter_watchdog.metrics.gpm import GpmSampler
 from exporter_watchdog.metrics.gpu import DCGM_FAMILIES, GpuCollector, XidWatcher
 from exporter_watchdog.metrics.nvml import GpuBackendError, GpuErrorKind
 
@@ -78,11 +79,16 @@ def test_bad_load_source_reads_as_idle() -> None:
 
 
 def test_collector_over_simulated_gpus_has_every_family_and_reports_faults() -> None:
-    sim = SimulatedGpus(3, lambda: 0.5)
+    now = [0.0]
+    sim = SimulatedGpus(3, lambda: 0.5, clock=lambda: now[0])
     xids = XidWatcher(sim, poll_seconds=0.05).start()
+    gpm = GpmSampler(sim, interval=1.0, clock=lambda: now[0])
     try:
+        gpm.sample_once()
+        now[0] += 1.0
+        gpm.sample_once()  # two samples: the profiling fields have values
         registry = CollectorRegistry()
-        registry.register(GpuCollector(sim, "demo-node", cache_seconds=0.0, xids=xids))
+        registry.register(GpuCollector(sim, "demo-node", cache_seconds=0.0, xids=xids, gpm=gpm))
         names = {m.name for m in registry.collect()}
         assert set(DCGM_FAMILIES) <= names
         sim.set_fault(1, GpuErrorKind.LOST)

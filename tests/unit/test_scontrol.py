@@ -98,7 +98,13 @@ def _job_id_in(text: str) -> str:
 def test_real_samples_one_line(name: str, node: str, job_id: str | None, state: str, gpus: set[int]) -> None:
     text = sample(f"{name}.txt")
     parsed = parse_show_job(text, node, job_id)
-    assert parsed == JobGpus(job_id=job_id or _job_id_in(text), state=state, gpus=frozenset(gpus))
+    # Every sample ran as root; the partition is the one of the record asked about (het components differ).
+    wanted = job_id or _job_id_in(text)
+    record = next(line for line in text.splitlines() if line.startswith(f"JobId={wanted} "))
+    partition = re.search(r"\bPartition=(\S+)", record)
+    assert partition is not None
+    assert parsed == JobGpus(job_id=wanted, state=state, gpus=frozenset(gpus), user="root",
+                             partition=partition.group(1))
 
 
 @pytest.mark.parametrize(
@@ -179,7 +185,7 @@ def test_unreadable_gres_of_another_node_does_not_matter() -> None:
 def test_job_name_with_spaces_and_fields_cannot_hide_the_real_gpus() -> None:
     fake = "JobName=x Nodes=dta1 CPU_IDs=0 Mem=0 GRES= y"
     text = TYPED.replace("JobName=wrap", fake)
-    assert parse_show_job(text, "dta1") == JobGpus("1", "RUNNING", frozenset({0, 1}))
+    assert parse_show_job(text, "dta1") == JobGpus("1", "RUNNING", frozenset({0, 1}), "root", "typed")
 
 
 def test_job_id_selects_a_record_and_a_missing_one_is_an_error() -> None:

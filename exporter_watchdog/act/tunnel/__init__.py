@@ -1,0 +1,1 @@
+"""The Cloudflare tunnel connector: its command line and ingress (launch), and its supervision (connector)."""
