@@ -48,6 +48,8 @@ STUCK_AFTER_MIN = 30.0
 # How long /metrics workers hold back after a job event: the loop detects, decides and signals in this time.
 JOB_EVENT_HOLD = 0.2
 SWITCH_INTERVAL = 0.001
+# Scrapes this close together, with no loop iteration between them, share one /metrics rendering.
+SHARED_RENDER_SECONDS = 0.25
 # The connector's output goes to <state_dir>/tunnel.log, rotated to tunnel.log.1 at this size.
 TUNNEL_LOG_MAX_BYTES = 10 * 2**20
 DEMO_DEFAULTS: dict[str, Any] = {
@@ -333,6 +335,7 @@ def _run(config: Config, config_path: Path | None, node: Node, late: LateDaemon,
         config.metrics.listen, registry,
         status=lambda: status_dict(daemon.snapshot(), time.time()),
         healthy=lambda: daemon.loop_alive(stuck_after), loop_first=loop_first,
+        render_key=daemon.snapshot, render_max_age=SHARED_RENDER_SECONDS,
     )
     try:
         http.start()
