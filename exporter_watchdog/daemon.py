@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 from loguru import logger
 
-from exporter_watchdog.act.statefile import set_active_profile
+from exporter_watchdog.act.statefile import record_cold_start, set_active_profile
 from exporter_watchdog.config import Config
 from exporter_watchdog.core.decide import decide, gpu_owners
 from exporter_watchdog.core.model import (
@@ -309,7 +309,10 @@ class Daemon:
         self._apply_requests()
         now = self._clock()
         obs = self._observe(now)
+        measured = self.state.cold_start_seen
         self.state, actions = decide(self.state, obs, now, self.policy)
+        if self.state.cold_start_seen != measured and self.state.cold_start_seen is not None and self.profile:
+            self._record_cold_start(self.profile.name, self.state.cold_start_seen)
         rerun = False
         for action in actions:
             if isinstance(action, CountConflict):
@@ -329,6 +332,13 @@ class Daemon:
         self._answer_releases()
         if rerun:
             self.wake()  # the server is down: let the core see it right away
+
+    def _record_cold_start(self, profile: str, seconds: float) -> None:
+        """Keep the measured start-to-ready time for `replay`; a full disk costs only the record."""
+        try:
+            record_cold_start(self.config.state_dir, profile, seconds)
+        except OSError as exc:
+            logger.warning("cannot record the cold start of {}: {}", profile, exc)
 
     def _next_timeout(self) -> float:
         timeout = self.config.slurm.rescan_seconds

@@ -254,3 +254,15 @@ def test_a_job_process_on_our_gpu_makes_it_yield(tmp_path: Path) -> None:
     daemon.tick()
     assert sup.pid is None
     assert registry.get_sample_value("exporter_watchdog_yields_total", {"reason": "gpu_process"}) == 1
+
+
+def test_the_measured_cold_start_is_kept_for_replay(tmp_path: Path) -> None:
+    from exporter_watchdog.act.statefile import measured_cold_start
+
+    daemon, _slurm, sup, _dirs, _registry, now = make(tmp_path)
+    daemon.tick()  # starts the server at 100
+    assert sup.pid is not None and measured_cold_start(tmp_path, "demo") is None
+    now[0] += 42.5
+    daemon.tick()  # the fake health says ready: 42.5 s from start to ready
+    assert daemon.snapshot().phase.value == "serving"
+    assert measured_cold_start(tmp_path, "demo") == 42.5
