@@ -99,6 +99,8 @@ class ConnectionLoop:
                                         initializer=lower_thread_priority)
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)  # full means a wake-up is pending: a worker never blocks on it
         self._answered: deque[_Conn] = deque()  # handed back by workers (deque: thread-safe ends)
         # Oldest first (dicts keep insertion order): the ones waiting for a request, and for a write.
         self._idle: dict[_Conn, None] = {}
@@ -113,7 +115,6 @@ class ConnectionLoop:
     def serve_forever(self) -> None:
         lower_thread_priority()
         self._listener.setblocking(False)
-        self._wake_r.setblocking(False)
         self._selector.register(self._listener, selectors.EVENT_READ, "listener")
         self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
         try:

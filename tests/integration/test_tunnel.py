@@ -214,6 +214,20 @@ def test_a_connector_left_by_a_killed_daemon_is_stopped_at_the_next_start(tunnel
     assert "tunnel connector left behind" in tunnel_daemon.log()
 
 
+def test_a_connector_never_outlives_a_killed_daemon(tunnel_daemon: TunnelDaemon) -> None:
+    started(tunnel_daemon)
+    connector = tunnel_daemon.connector_events("start")[0]["pid"]
+    assert tunnel_daemon.proc is not None
+    os.kill(tunnel_daemon.proc.pid, signal.SIGKILL)
+    tunnel_daemon.proc.wait(10)
+    # The connector's guard (like the server's) stops it as soon as the daemon is gone.
+    wait_until(lambda: not pid_alive(connector), 10, "the connector to be stopped by its guard")
+    assert "the daemon is gone: stopping its server" in tunnel_daemon.log()
+    tunnel_daemon.start()
+    tunnel_daemon.wait_tunnel("ready")
+    assert tunnel_daemon.connector_events("start")[-1]["pid"] != connector
+
+
 def test_enabled_without_an_api_key_exits_2_naming_both_keys(tmp_path: Path) -> None:
     daemon = TunnelDaemon(tmp_path, key=False)
     proc = subprocess.run([*EXE, "serve", "--demo", "--config", str(daemon.config_path)], capture_output=True,

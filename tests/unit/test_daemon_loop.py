@@ -76,7 +76,15 @@ class FakeSupervisor:
     def started_at(self) -> float | None:
         return 0.0 if self._pid else None
 
-    def start(self, argv: Sequence[str], env: Mapping[str, str], cwd: Any = None) -> int:
+    @property
+    def stop_method(self) -> str:
+        return "fake"
+
+    @property
+    def guard_pid(self) -> int | None:
+        return None
+
+    def start(self, argv: Sequence[str], env: Mapping[str, str], cwd: Any = None, gpus: Any = None) -> int:
         self.started.append((argv, env))
         self._pid = 1000 + len(self.started)
         return self._pid
