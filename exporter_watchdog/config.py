@@ -76,6 +76,7 @@ class ServerConfig:
     log_max_bytes: int
     backoff_initial_seconds: float
     backoff_max_seconds: float
+    cgroup: str = "auto"  # auto | off | a cgroup folder to create the servers' cgroups in
     cold_start_seconds: float | None = None  # None: the profile's, else measured at the first start
 
 
@@ -287,6 +288,7 @@ SCHEMA: dict[str, tuple[Any, Check]] = {
     "server.log_max_bytes": (50 * 2**20, _int(4096)),
     "server.backoff_initial_seconds": (5.0, _float(positive=True)),
     "server.backoff_max_seconds": (300.0, _float(positive=True)),
+    "server.cgroup": ("auto", _str()),
     "server.cold_start_seconds": (None, _float(nullable=True, positive=True)),
     "cuda.home": (None, _path()),
     "cuda.version": (None, _str(nullable=True)),
@@ -420,7 +422,7 @@ def _build(v: dict[str, Any], source: str, raw: Mapping[str, Any]) -> Config:
             stop_timeout_seconds=v["server.stop_timeout_seconds"], api_key_file=v["server.api_key_file"],
             extra_args=v["server.extra_args"], env=v["server.env"], log_max_bytes=v["server.log_max_bytes"],
             backoff_initial_seconds=v["server.backoff_initial_seconds"],
-            backoff_max_seconds=v["server.backoff_max_seconds"],
+            backoff_max_seconds=v["server.backoff_max_seconds"], cgroup=v["server.cgroup"],
             cold_start_seconds=v["server.cold_start_seconds"],
         ),
         cuda=CudaConfig(home=v["cuda.home"], version=v["cuda.version"], library_paths=v["cuda.library_paths"]),

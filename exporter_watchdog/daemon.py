@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 from loguru import logger
 
-from exporter_watchdog.act.statefile import set_active_profile
+from exporter_watchdog.act.statefile import record_cold_start, set_active_profile
 from exporter_watchdog.config import Config
 from exporter_watchdog.core.decide import decide, gpu_owners
 from exporter_watchdog.core.model import (
@@ -70,7 +70,11 @@ class SupervisorLike(Protocol):
     def pid(self) -> int | None: ...
     @property
     def started_at(self) -> float | None: ...
-    def start(self, argv: Any, env: Any, cwd: Any = None) -> int: ...
+    @property
+    def stop_method(self) -> str: ...
+    @property
+    def guard_pid(self) -> int | None: ...
+    def start(self, argv: Any, env: Any, cwd: Any = None, gpus: Any = None) -> int: ...
     def poll(self) -> Any: ...
     def stop(self, term_timeout: float | None = None) -> Any: ...
 
@@ -94,13 +98,14 @@ class ConnectorLike(Protocol):
 
 
 @dataclass
-class _Release:
+class ReleaseTicket:
     """A prolog asked for GPUs; answered once none of them is ours any more."""
 
     job_id: str
     gpus: frozenset[int]
     seen_at: float
     done: threading.Event
+    taken: threading.Event  # the loop has seen the request: it is alive and acting on it
     cgroup_seen: bool = False
 
 
@@ -168,7 +173,7 @@ class Daemon:
         self._restart_requested = False
         self._pending_profile: Profile | None = None
         self._pending_config: Config | None = None
-        self._releases: list[_Release] = []
+        self._releases: list[ReleaseTicket] = []
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="scontrol")
         self._health = health_factory(self.wake)
 
@@ -228,8 +233,12 @@ class Daemon:
         logger.info("switching to profile {}", profile.name)
         return {"ok": True, "profile": profile.name}
 
-    def request_release(self, job_id: str, gpus: Iterable[int], timeout: float) -> dict[str, Any]:
-        """A job's prolog: hand these GPUs back if they are ours; return once our server is gone."""
+    def submit_release(self, job_id: str, gpus: Iterable[int]) -> ReleaseTicket | None:
+        """A job's prolog: hand these GPUs back if they are ours. None when they are not (nothing to wait for).
+
+        Otherwise the caller waits on the ticket: `taken` once the loop has seen the request (the
+        loop is alive), `done` once none of the GPUs is ours any more.
+        """
         wanted = frozenset(gpus)
         started = self._clock()
         # The core's claim, not the published snapshot: it already holds GPUs the loop is about to
@@ -237,16 +246,27 @@ class Daemon:
         state = self.state
         holding = state.phase in (Phase.STARTING, Phase.SERVING, Phase.YIELDING) or self._supervisor.pid is not None
         ours = holding and bool(wanted & set(state.claimed))
-        release = _Release(job_id, wanted, started, threading.Event())
+        release = ReleaseTicket(job_id, wanted, started, threading.Event(), threading.Event())
         with self._lock:
             self._releases.append(release)
+        self.wake()
         if not ours:
             # Not ours: the job is not delayed, but the GPUs stay off-limits until its cgroup shows up.
             release.done.set()
-            self.wake()
+            return None
+        return release
+
+    def request_release(self, job_id: str, gpus: Iterable[int], timeout: float) -> dict[str, Any]:
+        """submit_release() and wait up to timeout for our server to be gone."""
+        started = self._clock()
+        release = self.submit_release(job_id, gpus)
+        if release is None:
             return {"ok": True, "released": False, "waited": 0.0}
-        self.wake()
-        finished = release.done.wait(timeout)
+        return self.await_release(release, started, timeout)
+
+    def await_release(self, release: ReleaseTicket, started: float, timeout: float) -> dict[str, Any]:
+        """The final answer to a release: once our server is gone, or at the deadline."""
+        finished = release.done.wait(max(0.0, timeout - (self._clock() - started)))
         waited = self._clock() - started
         return {"ok": True, "released": finished, "waited": round(waited, 4), "timed_out": not finished}
 
@@ -289,7 +309,10 @@ class Daemon:
         self._apply_requests()
         now = self._clock()
         obs = self._observe(now)
+        measured = self.state.cold_start_seen
         self.state, actions = decide(self.state, obs, now, self.policy)
+        if self.state.cold_start_seen != measured and self.state.cold_start_seen is not None and self.profile:
+            self._record_cold_start(self.profile.name, self.state.cold_start_seen)
         rerun = False
         for action in actions:
             if isinstance(action, CountConflict):
@@ -309,6 +332,13 @@ class Daemon:
         self._answer_releases()
         if rerun:
             self.wake()  # the server is down: let the core see it right away
+
+    def _record_cold_start(self, profile: str, seconds: float) -> None:
+        """Keep the measured start-to-ready time for `replay`; a full disk costs only the record."""
+        try:
+            record_cold_start(self.config.state_dir, profile, seconds)
+        except OSError as exc:
+            logger.warning("cannot record the cold start of {}: {}", profile, exc)
 
     def _next_timeout(self) -> float:
         timeout = self.config.slurm.rescan_seconds
@@ -360,6 +390,7 @@ class Daemon:
             ]
             releases = list(self._releases)
         for rel in releases:
+            rel.taken.set()
             jobs.append(Job(job_id=rel.job_id, gpus=rel.gpus, seen_at=rel.seen_at, source=JobSource.PROLOG))
 
         if self._gpu_job_processes is not None and self.state.claimed:
@@ -449,7 +480,7 @@ class Daemon:
             return
         logger.info("starting {} on GPUs {}: {}", self.profile.name, list(action.gpus), " ".join(launch.argv))
         try:
-            self._supervisor.start(launch.argv, launch.full_env())
+            self._supervisor.start(launch.argv, launch.full_env(), gpus=action.gpus)
         except OSError as exc:
             self._start_failed = f"{launch.argv[0]}: {exc.strerror or exc}"
             logger.error("cannot start the server: {}", self._start_failed)
@@ -584,6 +615,10 @@ class Daemon:
         offset = self._wall() - self._clock()
         pid = self._supervisor.pid if server.running or self._supervisor.pid else None
         extra = {}
+        extra["stop_method"] = self._supervisor.stop_method
+        guard = self._supervisor.guard_pid
+        if guard is not None and pid:
+            extra["guard_pid"] = str(guard)
         if self._launch is not None and pid:
             extra["server_argv"] = " ".join(self._launch.argv)
         tunnel = self._tunnel

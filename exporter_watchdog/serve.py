@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
@@ -14,12 +14,13 @@ from typing import Any
 from loguru import logger
 from prometheus_client import CollectorRegistry
 
-from exporter_watchdog.act.control import ControlError, ControlServer
+from exporter_watchdog.act.cgroup import CgroupParent, find_parent, parent_at
+from exporter_watchdog.act.control import Answer, ControlError, ControlServer
 from exporter_watchdog.act.health import HealthProbe
 from exporter_watchdog.act.procs import list_processes, live_members
 from exporter_watchdog.act.procs import read_cgroup as read_proc_cgroup
 from exporter_watchdog.act.statefile import active_profile, ensure_state_dir
-from exporter_watchdog.act.supervisor import Supervisor
+from exporter_watchdog.act.supervisor import RECORD_NAME, Supervisor
 from exporter_watchdog.act.tunnel.connector import KILL_AFTER_GRACE, Connector
 from exporter_watchdog.act.tunnel.launch import build_connector, check_files
 from exporter_watchdog.config import Config, ConfigError, load_config
@@ -47,6 +48,8 @@ STUCK_AFTER_MIN = 30.0
 # How long /metrics workers hold back after a job event: the loop detects, decides and signals in this time.
 JOB_EVENT_HOLD = 0.2
 SWITCH_INTERVAL = 0.001
+# Scrapes this close together, with no loop iteration between them, share one /metrics rendering.
+SHARED_RENDER_SECONDS = 0.25
 # The connector's output goes to <state_dir>/tunnel.log, rotated to tunnel.log.1 at this size.
 TUNNEL_LOG_MAX_BYTES = 10 * 2**20
 DEMO_DEFAULTS: dict[str, Any] = {
@@ -158,8 +161,7 @@ def demo_node(config: Config, late: LateDaemon) -> Node:
 
     gpus = config.node.gpus or 4
     node = DemoNode(config.state_dir / "demo-node", config.node.name, gpus)
-    node.clear()
-    node.prepare()
+    node.prepare()  # jobs a killed daemon left running stay, as on a real node
     reaper = DemoReaper(node)
     reaper.start()
     load = StubLoad(f"http://127.0.0.1:{config.server.port}/metrics")
@@ -172,6 +174,19 @@ def demo_node(config: Config, late: LateDaemon) -> Node:
 
     return Node(gpus=gpus, cgroup_root=node.cgroup_root, runner=node.scontrol, backend=backend,
                 closers=[reaper.stop, node.clear, faults.stop], read_cgroup=read_cgroup)
+
+
+def server_cgroup_parent(config: Config) -> CgroupParent | None:
+    """Where servers get their own cgroup (server.cgroup); a configured folder that cannot be used exits 2."""
+    setting = config.server.cgroup
+    if setting == "off":
+        return None
+    if setting == "auto":
+        return find_parent()
+    try:
+        return parent_at(Path(setting))
+    except ValueError as exc:
+        raise ConfigError(config.source, "server.cgroup", setting, str(exc)) from None
 
 
 def check_profile_or_fail(config: Config, node_gpus: int) -> None:
@@ -233,9 +248,12 @@ def _run(config: Config, config_path: Path | None, node: Node, late: LateDaemon,
     registry = CollectorRegistry()
     metrics = DaemonMetrics(registry)
     supervisor = Supervisor(
-        record_path=config.state_dir / "server.json", log_path=config.state_dir / "server.log",
+        record_path=config.state_dir / RECORD_NAME, log_path=config.state_dir / "server.log",
         term_timeout=config.server.stop_timeout_seconds, log_max_bytes=config.server.log_max_bytes,
+        cgroup_parent=None if config.exporter_only else server_cgroup_parent(config),
     )
+    logger.info("servers are stopped by {}; a guard process stops a server within 1 s if this daemon dies",
+                supervisor.stop_method)
     # The tunnel connector: a second supervisor with its own record, log and marker variable.
     tunnel_supervisor = Supervisor(
         record_path=config.state_dir / "tunnel.json", log_path=config.state_dir / "tunnel.log",
@@ -317,6 +335,7 @@ def _run(config: Config, config_path: Path | None, node: Node, late: LateDaemon,
         config.metrics.listen, registry,
         status=lambda: status_dict(daemon.snapshot(), time.time()),
         healthy=lambda: daemon.loop_alive(stuck_after), loop_first=loop_first,
+        render_key=daemon.snapshot, render_max_age=SHARED_RENDER_SECONDS,
     )
     try:
         http.start()
@@ -368,7 +387,7 @@ def _run(config: Config, config_path: Path | None, node: Node, late: LateDaemon,
     return 0
 
 
-def handle_control(daemon: Daemon, req: dict[str, Any]) -> dict[str, Any]:
+def handle_control(daemon: Daemon, req: dict[str, Any]) -> Answer:
     """The control socket's verbs."""
     cmd = req.get("cmd")
     if cmd == "status":
@@ -385,5 +404,17 @@ def handle_control(daemon: Daemon, req: dict[str, Any]) -> dict[str, Any]:
             return {"ok": False, "error": "release needs gpus: a list of GPU indices"}
         if not isinstance(timeout, (int, float)) or timeout < 0:
             return {"ok": False, "error": "release: timeout must be a number of seconds"}
-        return daemon.request_release(str(req.get("job_id", "prolog")), gpus, float(timeout))
+        return release_answers(daemon, str(req.get("job_id", "prolog")), gpus, float(timeout))
     return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+
+def release_answers(daemon: Daemon, job_id: str, gpus: list[int], timeout: float) -> Iterator[dict[str, Any]]:
+    """A Prolog's release: `accepted` once the loop has taken it, then the result once our server is gone."""
+    started = time.monotonic()
+    ticket = daemon.submit_release(job_id, gpus)
+    if ticket is None:
+        yield {"ok": True, "released": False, "waited": 0.0}
+        return
+    if ticket.taken.wait(timeout):
+        yield {"ok": True, "accepted": True}
+    yield daemon.await_release(ticket, started, timeout)

@@ -35,6 +35,8 @@ def status_dict(snap: Snapshot, wall_now: float) -> dict[str, Any]:
         "server_ready": snap.server_ready,
         "server_uptime_seconds": uptime,
         "server_argv": snap.extra.get("server_argv"),
+        "stop_method": snap.extra.get("stop_method"),
+        "guard_pid": int(snap.extra["guard_pid"]) if "guard_pid" in snap.extra else None,
         "last_yield": last_yield,
         "crashes": snap.crashes,
         "disabled_reason": snap.disabled_reason,
@@ -85,6 +87,9 @@ def render_status(doc: dict[str, Any]) -> str:
             if doc["server_pid"] else "not running"
         ),
     ]
+    if doc.get("stop_method"):
+        guard = f"; guard pid {doc['guard_pid']}" if doc.get("guard_pid") else ""
+        lines.append(f"stops by:    {doc['stop_method']}{guard}")
     last = doc.get("last_yield")
     if last:
         lines.append(

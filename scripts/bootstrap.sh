@@ -35,7 +35,8 @@ ensure_test_packages() {
     local need=() pair cmd pkg
     for pair in slurmctld:slurmctld slurmd:slurmd sinfo:slurm-client munged:munge mungekey:munge \
                 prometheus:prometheus promtool:prometheus prometheus-alertmanager:prometheus-alertmanager \
-                amtool:prometheus-alertmanager ip:iproute2 nsenter:util-linux; do
+                amtool:prometheus-alertmanager ip:iproute2 nsenter:util-linux \
+                slurmdbd:slurmdbd mariadbd:mariadb-server; do
         cmd=${pair%%:*}; pkg=${pair#*:}
         if ! PATH="$PATH:/usr/sbin:/sbin" command -v "$cmd" >/dev/null; then
             case " ${need[*]-} " in *" $pkg "*) ;; *) need+=("$pkg") ;; esac

@@ -7,6 +7,10 @@ shared directory still refuses other users. Root is allowed because Slurm's Prol
 A client cannot pin the daemon: a request is at most MAX_REQUEST bytes and must arrive within
 READ_DEADLINE seconds, and at most MAX_HANDLERS connections are served at once (the rest wait in
 the listen backlog, where they cost the daemon nothing).
+
+A request that takes long (a Prolog's release) is answered in two lines: `{"accepted": true}` as
+soon as the daemon's loop has taken it, then the result. A client that gets no first line within a
+short deadline knows the daemon is hung, not merely busy stopping the server.
 """
 
 from __future__ import annotations
@@ -18,13 +22,14 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
 from loguru import logger
 
-Handler = Callable[[dict[str, Any]], dict[str, Any]]
+Answer = dict[str, Any] | Iterator[dict[str, Any]]
+Handler = Callable[[dict[str, Any]], Answer]
 MAX_REQUEST = 64 * 1024
 # A request is one short line sent at once; a client that has not sent it in this time is dropped.
 READ_DEADLINE = 5.0
@@ -136,15 +141,24 @@ class ControlServer:
         try:
             with conn:
                 answer = self._answer(conn)
-                if answer is not None:
+                parts = iter([answer]) if isinstance(answer, dict) else answer or iter(())
+                while True:
+                    try:
+                        part = next(parts)
+                    except StopIteration:
+                        break
+                    except Exception as exc:  # a handler bug must not kill the control thread
+                        logger.exception("control request failed")
+                        part = {"ok": False, "error": f"internal error: {exc}"}
+                        parts = iter(())
                     conn.settimeout(self._read_deadline)
-                    conn.sendall(json.dumps(answer).encode() + b"\n")
+                    conn.sendall(json.dumps(part).encode() + b"\n")
         except OSError as exc:  # the client went away or stopped reading: nothing to answer
             logger.debug("control connection: {}", exc)
         finally:
             self._slots.release()
 
-    def _answer(self, conn: socket.socket) -> dict[str, Any] | None:
+    def _answer(self, conn: socket.socket) -> Answer | None:
         uid = peer_uid(conn)
         if uid not in self._allowed:
             self._refusals.log(f"control socket: refused a client of uid {uid} (allowed: the daemon's uid and root)")
@@ -245,34 +259,63 @@ def _alive(path: Path) -> bool:
 
 
 def request(path: Path, payload: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
-    """Send one request to the daemon listening on `path` and return its answer."""
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(str(path))
-            sock.sendall(json.dumps(payload).encode() + b"\n")
-            chunks = []
-            while True:
-                chunk = sock.recv(65536)
+    """Send one request to the daemon listening on `path` and return its (first) answer."""
+    with Exchange(path, payload, timeout) as exchange:
+        return exchange.answer(timeout)
+
+
+class Exchange:
+    """One request and the answer lines that follow it, each read with its own deadline."""
+
+    def __init__(self, path: Path, payload: dict[str, Any], connect_timeout: float) -> None:
+        self.path = path
+        self._buffer = b""
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._sock.settimeout(connect_timeout)
+            self._sock.connect(str(path))
+            self._sock.sendall(json.dumps(payload).encode() + b"\n")
+        except BaseException as exc:
+            self._sock.close()
+            if isinstance(exc, OSError):
+                raise _control_error(path, exc, connect_timeout) from None
+            raise
+
+    def __enter__(self) -> Exchange:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._sock.close()
+
+    def answer(self, timeout: float) -> dict[str, Any]:
+        """The next answer line; ControlError when none comes within timeout."""
+        try:
+            while b"\n" not in self._buffer:
+                self._sock.settimeout(max(timeout, 0.001))
+                chunk = self._sock.recv(65536)
                 if not chunk:
                     break
-                chunks.append(chunk)
-                if chunk.endswith(b"\n"):
-                    break
-    except FileNotFoundError:
-        raise ControlError(f"no daemon is running (no control socket at {path})") from None
-    except ConnectionRefusedError:
-        raise ControlError(f"no daemon is running (nothing listens on {path})") from None
-    except PermissionError:
-        raise ControlError(f"{path}: permission denied (the socket belongs to the daemon's user)") from None
-    except TimeoutError:
-        raise ControlError(f"the daemon at {path} did not answer within {timeout:g} s") from None
-    except OSError as exc:
-        raise ControlError(f"{path}: {exc}") from None
-    try:
-        answer = json.loads(b"".join(chunks))
-    except ValueError:
-        raise ControlError(f"the daemon at {path} sent an unreadable answer") from None
-    if not isinstance(answer, dict):
-        raise ControlError(f"the daemon at {path} sent an unreadable answer")
-    return answer
+                self._buffer += chunk
+        except OSError as exc:
+            raise _control_error(self.path, exc, timeout) from None
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        try:
+            answer = json.loads(line)
+        except ValueError:
+            raise ControlError(f"the daemon at {self.path} sent an unreadable answer") from None
+        if not isinstance(answer, dict):
+            raise ControlError(f"the daemon at {self.path} sent an unreadable answer")
+        return answer
+
+
+def _control_error(path: Path, exc: OSError, timeout: float) -> ControlError:
+    """What a failed exchange means, for people."""
+    if isinstance(exc, FileNotFoundError):
+        return ControlError(f"no daemon is running (no control socket at {path})")
+    if isinstance(exc, ConnectionRefusedError):
+        return ControlError(f"no daemon is running (nothing listens on {path})")
+    if isinstance(exc, PermissionError):
+        return ControlError(f"{path}: permission denied (the socket belongs to the daemon's user)")
+    if isinstance(exc, TimeoutError):
+        return ControlError(f"the daemon at {path} did not answer within {timeout:g} s")
+    return ControlError(f"{path}: {exc}")

@@ -25,6 +25,20 @@ class RotatingLog:
         self._fh = open(path, "ab", buffering=0)  # unbuffered: a crash loses nothing already read
         self._size = self._fh.seek(0, os.SEEK_END)
 
+    @classmethod
+    def or_discard(cls, path: Path, max_bytes: int) -> tuple[RotatingLog, OSError | None]:
+        """The log at path or, where it cannot be opened (disk full, read-only), one that drops everything."""
+        try:
+            return cls(path, max_bytes), None
+        except OSError as exc:
+            log = cls(Path(os.devnull), max_bytes)
+            log.path = path
+            log._size = 0
+            log._discard = True
+            return log, exc
+
+    _discard = False
+
     def write(self, data: bytes) -> None:
         """Append data, rotating first when it would not fit; a chunk larger than the bound is cut."""
         with self._lock:
@@ -32,6 +46,8 @@ class RotatingLog:
                 return
             if len(data) > self.max_bytes:
                 data = data[-self.max_bytes :]  # keep the newest bytes: they say why it died
+            if self._discard:
+                return
             if self._size and self._size + len(data) > self.max_bytes:
                 self._rotate()
             self._fh.write(data)
@@ -71,6 +87,7 @@ class PipePump:
         self._thread.start()
 
     def _run(self) -> None:
+        failing = False  # logged once per run of failures, not once per chunk
         try:
             while True:
                 try:
@@ -84,7 +101,14 @@ class PipePump:
                 except Exception as exc:
                     # Keep draining whatever goes wrong with the file (disk full, folder gone): a
                     # server blocked on a full pipe would hang, one facing a closed pipe would die.
-                    logger.warning("server log {}: {}", self._log.path, exc)
+                    if not failing:
+                        logger.error("server log {}: {}; dropping the server's output until it can be written",
+                                     self._log.path, exc)
+                    failing = True
+                    continue
+                if failing:
+                    logger.info("server log {} writable again", self._log.path)
+                failing = False
         finally:
             os.close(self._fd)
             self._log.close()

@@ -52,3 +52,21 @@ def active_profile(state_dir: Path, config_profile: str | None) -> str | None:
 
 def set_active_profile(state_dir: Path, profile: str, config_profile: str | None) -> None:
     write_json(state_dir / ACTIVE_PROFILE, {"profile": profile, "config_profile": config_profile})
+
+
+COLD_STARTS = "cold-starts.json"
+
+
+def record_cold_start(state_dir: Path, profile: str, seconds: float) -> None:
+    """Keep the last measured start-to-ready time per profile (read by `replay`)."""
+    data = read_json(state_dir / COLD_STARTS)
+    known = data if isinstance(data, dict) else {}
+    known[profile] = round(seconds, 3)
+    write_json(state_dir / COLD_STARTS, known)
+
+
+def measured_cold_start(state_dir: Path, profile: str) -> float | None:
+    """The last measured start-to-ready time of `profile`, or None."""
+    data = read_json(state_dir / COLD_STARTS)
+    value = data.get(profile) if isinstance(data, dict) else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None

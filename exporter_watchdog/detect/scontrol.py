@@ -228,6 +228,11 @@ def parse_show_job(text: str, node: str, job_id: str | None = None) -> JobGpus:
             raise ScontrolParseError(f"no record for job {job_id} among {len(records)}")
     gpus: set[int] = set()
     for record in chosen:
+        # Output without a job's state and nodes is not a job record: a GPU set read from it could
+        # say "no GPUs" for a job that holds ours.
+        missing = [key for key in ("JobState", "NodeList") if record.first(key) is None]
+        if missing:
+            raise ScontrolParseError(f"job {record.job_id}: no {' or '.join(key + '=' for key in missing)}")
         gpus |= _gpus_on_node(record, node)
     partition = chosen[0].first("Partition")
     return JobGpus(job_id=job_id or chosen[0].job_id, state=chosen[0].first("JobState"), gpus=frozenset(gpus),

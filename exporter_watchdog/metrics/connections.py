@@ -12,6 +12,7 @@ longest makes room for the newcomer.
 from __future__ import annotations
 
 import io
+import os
 import selectors
 import socket
 import threading
@@ -26,6 +27,7 @@ from typing import Any
 from loguru import logger
 
 MAX_HEAD = 64 * 1024  # request line plus headers; a GET has no body
+THREAD_NICE = 10
 WRITE_TIMEOUT = 10.0  # a client that has not taken its whole answer in this time is closed
 
 
@@ -68,6 +70,15 @@ class _Conn:
     keep: bool = True  # wait for another request once the answer is out
 
 
+def lower_thread_priority() -> None:
+    """Run the calling thread at THREAD_NICE (Linux: a nice value is per thread): under a crowd of
+    scrapers the daemon's loop, its event threads and the node's jobs get the CPU first."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), THREAD_NICE)
+    except OSError as exc:
+        logger.debug("cannot lower the priority of {}: {}", threading.current_thread().name, exc)
+
+
 def _head_end(buf: bytearray) -> int:
     """Index just past the blank line that ends a request head, or -1."""
     ends = [i + len(sep) for sep in (b"\r\n\r\n", b"\n\n") if (i := buf.find(sep)) >= 0]
@@ -84,9 +95,12 @@ class ConnectionLoop:
         self._idle_timeout = idle_timeout
         self._max_connections = max_connections
         self._loop_first = loop_first
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="metrics-http")
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="metrics-http",
+                                        initializer=lower_thread_priority)
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)  # full means a wake-up is pending: a worker never blocks on it
         self._answered: deque[_Conn] = deque()  # handed back by workers (deque: thread-safe ends)
         # Oldest first (dicts keep insertion order): the ones waiting for a request, and for a write.
         self._idle: dict[_Conn, None] = {}
@@ -99,8 +113,8 @@ class ConnectionLoop:
         return len(self._idle) + len(self._writing) + len(self._busy)
 
     def serve_forever(self) -> None:
+        lower_thread_priority()
         self._listener.setblocking(False)
-        self._wake_r.setblocking(False)
         self._selector.register(self._listener, selectors.EVENT_READ, "listener")
         self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
         try:

@@ -6,6 +6,7 @@ import gzip
 import json
 import socket
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
 from typing import Any
@@ -18,6 +19,36 @@ from exporter_watchdog.metrics.exposition import CONTENT_TYPE, render_text
 
 # Below this size gzip costs more time than the bytes it saves on loopback or a LAN.
 GZIP_MIN_BYTES = 4096
+
+
+class SharedRender:
+    """The /metrics body, rendered once for every scrape that comes within `max_age` seconds while
+    `key()` returns the same object (the daemon's snapshot: a loop iteration makes a new one, so a
+    scrape never shows counters older than the state it reports). A crowd of scrapers then costs
+    one rendering per `max_age` instead of one each."""
+
+    def __init__(self, registry: CollectorRegistry, key: Callable[[], object] | None = None, max_age: float = 0.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._registry = registry
+        self._key = key
+        self._max_age = max_age
+        self._clock = clock
+        self._lock = threading.Lock()  # one rendering at a time; the scrapes waiting for it share it
+        self._made: tuple[object, float, bytes] | None = None
+        self._gzipped: bytes | None = None
+
+    def body(self, gzipped: bool = False) -> bytes:
+        with self._lock:
+            key = self._key() if self._key is not None else None
+            made = self._made
+            if made is None or made[0] is not key or self._clock() - made[1] >= self._max_age:
+                made = self._made = (key, self._clock(), render_text(self._registry))
+                self._gzipped = None
+            if not gzipped:
+                return made[2]
+            if self._gzipped is None:
+                self._gzipped = gzip.compress(made[2], compresslevel=1)
+            return self._gzipped
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -63,6 +94,8 @@ class MetricsServer:
         idle_timeout: float = IDLE_TIMEOUT,
         max_connections: int = MAX_CONNECTIONS,
         loop_first: LoopFirst | None = None,
+        render_key: Callable[[], object] | None = None,
+        render_max_age: float = 0.0,
     ) -> None:
         self._host, self._port = parse_listen(listen)
         self._registry = registry
@@ -72,6 +105,7 @@ class MetricsServer:
         self._idle_timeout = idle_timeout
         self._max_connections = max_connections
         self._loop_first = loop_first
+        self._render = SharedRender(registry, render_key, render_max_age)
         self._server: ConnectionLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -84,7 +118,7 @@ class MetricsServer:
 
     def start(self) -> MetricsServer:
         """Bind and serve; raise OSError naming the address when it cannot bind."""
-        handler = _make_handler(self._registry, self._status, self._healthy)
+        handler = _make_handler(self._render, self._status, self._healthy)
         sock = socket.socket(socket.AF_INET6 if ":" in self._host else socket.AF_INET, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -126,7 +160,7 @@ class MetricsServer:
 
 
 def _make_handler(
-    registry: CollectorRegistry, status: Callable[[], dict[str, Any]], healthy: Callable[[], bool]
+    render: SharedRender, status: Callable[[], dict[str, Any]], healthy: Callable[[], bool]
 ) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive: Prometheus reuses its connection between scrapes
@@ -175,15 +209,15 @@ def _make_handler(
 
         def _metrics(self, head: bool) -> None:
             try:
-                body = render_text(registry)
+                body = render.body()
+                extra: dict[str, str] = {}
+                if len(body) >= GZIP_MIN_BYTES and _accepts_gzip(self.headers.get("Accept-Encoding")):
+                    body = render.body(gzipped=True)
+                    extra["Content-Encoding"] = "gzip"
             except Exception as exc:  # collectors are guarded; this is the last line of defence
                 logger.exception("rendering /metrics failed")
                 self._send(500, f"error: {exc}\n".encode(), "text/plain; charset=utf-8", head=head)
                 return
-            extra: dict[str, str] = {}
-            if len(body) >= GZIP_MIN_BYTES and _accepts_gzip(self.headers.get("Accept-Encoding")):
-                body = gzip.compress(body, compresslevel=1)
-                extra["Content-Encoding"] = "gzip"
             self._send(200, body, CONTENT_TYPE, head=head, extra=extra)
 
         def _send(self, code: int, body: bytes, ctype: str, head: bool = False,

@@ -41,10 +41,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `replay` subcommand."""
     p = subparsers.add_parser(
         "replay", help="predict what the daemon would harvest on a cluster's own job history",
-        description="Replay a job history through the daemon's own decision core on a simulated clock, per "
-                    "node, and report idle, harvested and clairvoyant GPU-hours, starts, yields and wasted "
-                    f"starts. Get the history with:  {SACCT_COMMAND}   and the nodes with:  "
-                    "sinfo -N -h -o '%N %G' > nodes.txt",
+        description="Replay a job history through the daemon's own decision core on a simulated clock, node by\n"
+                    "node, and report idle, harvested and clairvoyant GPU-hours, starts, yields and wasted starts.\n\n"
+                    f"The history:  {SACCT_COMMAND}\n"
+                    "The nodes:    sinfo -N -h -o '%N %G' > nodes.txt\n"
+                    "Slurm accounts GPUs only with AccountingStorageTRES=gres/gpu. See docs/replay.md.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("trace", metavar="TRACE", help="`sacct -P` output or a CSV (job_id,nodes,gpus,start,end)")
     p.add_argument("--config", "-c", metavar="PATH", help="the daemon's config: policy and cold start defaults")
@@ -53,7 +54,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     nodes.add_argument("--sinfo", metavar="FILE", help="nodes and GPUs from `sinfo -N -h -o '%%N %%G'`")
     nodes.add_argument("--gpus-per-node", type=int, metavar="N", help="every node in the trace has N GPUs")
     p.add_argument("--cold-start", type=float, metavar="S",
-                   help="seconds from start to ready (default: server.cold_start_seconds, else the profile's)")
+                   help="seconds from start to ready (default: server.cold_start_seconds, else the daemon's "
+                        "last measurement for the active profile, else the profile's cold_start_seconds)")
     p.add_argument("--stop", type=float, default=10.0, metavar="S", help="seconds a stop takes (default 10)")
     p.add_argument("--detect-delay", type=float, default=0.0, metavar="S",
                    help="seconds from a job's start to the daemon seeing it (default 0; measured: tens of ms)")
@@ -91,11 +93,14 @@ def _cold_start(args: argparse.Namespace, config: Config) -> float:
         return float(args.cold_start)
     if config.server.cold_start_seconds is not None:
         return config.server.cold_start_seconds
-    from exporter_watchdog.act.statefile import active_profile
+    from exporter_watchdog.act.statefile import active_profile, measured_cold_start
     from exporter_watchdog.profiles import ProfileError, find_profile, models_dir
 
     name = active_profile(config.state_dir, config.server.profile)
     if name:
+        measured = measured_cold_start(config.state_dir, name)
+        if measured is not None:
+            return measured
         try:
             profile = find_profile(models_dir(config), name)
         except ProfileError as exc:
@@ -103,7 +108,7 @@ def _cold_start(args: argparse.Namespace, config: Config) -> float:
         if profile.cold_start_seconds is not None:
             return profile.cold_start_seconds
     raise UsageError("no cold start known: pass --cold-start SECONDS, or set server.cold_start_seconds in "
-                     f"{config.source} or cold_start_seconds in the profile")
+                     f"{config.source} or cold_start_seconds in the profile (or let the daemon measure one)")
 
 
 def _time(text: str | None, flag: str) -> float | None:
@@ -150,6 +155,9 @@ def _replay(args: argparse.Namespace) -> int:
     trace = read_trace(Path(args.trace), args.format)
     if not trace.jobs:
         raise UsageError(f"{args.trace}: no job ran in this trace (skipped: {trace.skipped or 'none'})")
+    if not any(any(job.gpus) for job in trace.jobs):
+        raise UsageError(f"{args.trace}: no job holds a GPU (AllocTRES has no gres/gpu: Slurm accounts GPUs only "
+                         "with AccountingStorageTRES=gres/gpu in slurm.conf)")
     if args.sinfo:
         node_gpus = read_sinfo(Path(args.sinfo))
         unknown = sorted({n for job in trace.jobs for n in job.nodes} - set(node_gpus))

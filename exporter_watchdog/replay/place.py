@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import heapq
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -62,12 +63,7 @@ def place(jobs: Iterable[TraceJob], node_gpus: Mapping[str, int], unknown_end: f
     return out
 
 
-_MASKS: dict[int, frozenset[int]] = {}
-
-
+@functools.lru_cache(maxsize=65536)
 def _indices(mask: int) -> frozenset[int]:
     """The GPU indices of a bit mask (cached: a node has few distinct ones)."""
-    found = _MASKS.get(mask)
-    if found is None:
-        found = _MASKS[mask] = frozenset(g for g in range(mask.bit_length()) if mask >> g & 1)
-    return found
+    return frozenset(g for g in range(mask.bit_length()) if mask >> g & 1)

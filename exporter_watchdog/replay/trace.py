@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -54,10 +55,8 @@ def parse_time(text: str) -> float | None:
     value = text.strip()
     if value.lower() in NO_TIME:
         return None
-    try:
+    if "T" not in value and ":" not in value:
         return float(value)
-    except ValueError:
-        pass
     stamp = datetime.fromisoformat(value)
     if stamp.tzinfo is not None:
         return stamp.timestamp()
@@ -77,6 +76,7 @@ def gpus_in_tres(tres: str) -> int:
     return untyped if found_untyped else typed
 
 
+@functools.lru_cache(maxsize=4096)
 def split_gpus(total: int, nodes: int) -> tuple[int, ...]:
     """A job's GPUs per node: sacct gives the job's total; Slurm spreads --gres evenly (remainder first)."""
     if nodes <= 0:
@@ -123,6 +123,9 @@ def parse_sacct(lines: Iterable[str], source: str = "(sacct)") -> Trace:
     """`sacct -a -X -P --format=JobID,NodeList,AllocTRES,Start,End[,State]` output (-p and -n too)."""
     trace = Trace(source)
     columns: dict[str, int] | None = None
+    # A trace repeats few node lists and TRES strings: read each once.
+    hosts: dict[str, tuple[str, ...]] = {}
+    tres_gpus: dict[str, int] = {}
     for number, raw in enumerate(lines, 1):
         line = raw.rstrip("\n")
         if not line.strip():
@@ -155,14 +158,20 @@ def parse_sacct(lines: Iterable[str], source: str = "(sacct)") -> Trace:
         if start is None or nodelist in ("", "None assigned", "(null)"):
             trace.skip("never started (pending, or cancelled before start)")
             continue
-        if end is not None and end <= start:
-            trace.skip("ran no time")
+        if end is not None and end < start:
+            trace.skip("ends before it starts")
             continue
-        try:
-            nodes = tuple(expand_hostlist(nodelist))
-        except ValueError as exc:
-            raise TraceError(source, f"line {number}", nodelist, f"bad NodeList: {exc}") from None
-        gpus = split_gpus(gpus_in_tres(fields[columns["alloctres"]]), len(nodes))
+        nodes = hosts.get(nodelist)
+        if nodes is None:
+            try:
+                nodes = hosts[nodelist] = tuple(expand_hostlist(nodelist))
+            except ValueError as exc:
+                raise TraceError(source, f"line {number}", nodelist, f"bad NodeList: {exc}") from None
+        tres = fields[columns["alloctres"]]
+        total = tres_gpus.get(tres)
+        if total is None:
+            total = tres_gpus[tres] = gpus_in_tres(tres)
+        gpus = split_gpus(total, len(nodes))
         trace.jobs.append(TraceJob(job_id, nodes, gpus, start, end))
     return trace
 
@@ -197,8 +206,8 @@ def parse_csv(lines: Iterable[str], source: str = "(csv)") -> Trace:
         if start is None:
             trace.skip("never started (pending, or cancelled before start)")
             continue
-        if end is not None and end <= start:
-            trace.skip("ran no time")
+        if end is not None and end < start:
+            trace.skip("ends before it starts")
             continue
         try:
             nodes = tuple(expand_hostlist(row[at["nodes"]]))

@@ -133,16 +133,6 @@ def test_sigint_also_exits_zero(daemon: DaemonProc) -> None:
     assert not group_alive(pid)
 
 
-def test_orphaned_server_is_stopped_after_daemon_sigkill(daemon: DaemonProc) -> None:
-    pid = daemon.start().status()["server_pid"]  # type: ignore[index]
-    daemon.signal(signal.SIGKILL)
-    daemon.wait_exit(30)
-    assert pid_alive(pid), "the server outlives a SIGKILLed daemon (its own session)"
-    daemon.start()
-    wait_until(lambda: not group_alive(pid), 30, "the orphaned server to be stopped")
-    assert "left behind by an earlier daemon" in daemon.log()
-
-
 def test_sighup_reloads_config(daemon: DaemonProc) -> None:
     daemon.start()
     daemon.rewrite_config(claim={"gpus": 1})

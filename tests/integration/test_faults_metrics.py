@@ -163,3 +163,22 @@ def test_a_client_that_never_reads_its_answers_holds_no_worker() -> None:
                 assert response.status_code == 200 and 'big_total{n="2999"} 1.0' in response.text
     finally:
         server.stop()
+
+
+def test_scrapes_share_a_rendering_until_the_daemon_publishes_a_new_snapshot() -> None:
+    registry = CollectorRegistry()
+    counter = Counter("events", "Something the loop counts.", registry=registry)
+    snapshot = [object()]
+    server = MetricsServer("127.0.0.1:0", registry, status=lambda: {}, healthy=lambda: True,
+                           render_key=lambda: snapshot[0], render_max_age=60.0).start()
+    try:
+        def scrape() -> str:
+            return httpx.get(f"http://127.0.0.1:{server.port}/metrics", timeout=10).text
+
+        assert "events_total 0.0" in scrape()
+        counter.inc()
+        assert "events_total 0.0" in scrape()  # the same snapshot: the crowd shares one rendering
+        snapshot[0] = object()  # the loop came round and published
+        assert "events_total 1.0" in scrape()
+    finally:
+        server.stop()

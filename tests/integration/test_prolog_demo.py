@@ -4,22 +4,15 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from pathlib import Path
 
 from tests.support.daemon import EXE, DaemonProc, group_alive
-
-
-def prolog(daemon: DaemonProc, **env: str) -> tuple[subprocess.CompletedProcess[str], float]:
-    started = time.monotonic()
-    result = subprocess.run([*EXE, "prolog", "--config", str(daemon.config_path)], capture_output=True, text=True,
-                            timeout=120, env={**os.environ, **env})
-    return result, time.monotonic() - started
+from tests.support.faults import run_prolog
 
 
 def test_prolog_returns_after_our_server_is_gone(daemon: DaemonProc) -> None:
     pid = daemon.start().status()["server_pid"]  # type: ignore[index]
-    result, _ = prolog(daemon, SLURM_JOB_ID="41", SLURM_JOB_GPUS="3")
+    result, _ = run_prolog(daemon, "3", "41")
     assert result.returncode == 0
     assert "GPUs [3] released, the server is gone" in result.stderr
     assert not group_alive(pid), "the server must be gone when the prolog returns"
@@ -32,7 +25,7 @@ def test_prolog_returns_after_our_server_is_gone(daemon: DaemonProc) -> None:
 
 def test_prolog_for_gpus_we_do_not_hold_does_not_wait(daemon: DaemonProc) -> None:
     pid = daemon.start().status()["server_pid"]  # type: ignore[index]
-    result, _ = prolog(daemon, SLURM_JOB_ID="42", SLURM_JOB_GPUS="0")
+    result, _ = run_prolog(daemon, "0", "42")
     assert result.returncode == 0 and "were not ours" in result.stderr
     assert daemon.status()["server_pid"] == pid  # type: ignore[index]
 

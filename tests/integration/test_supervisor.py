@@ -230,8 +230,10 @@ def test_environment_marker_session_and_record(tmp_path: Path, tracker: Tracker)
     assert (info.pgid, info.sid) == (pid, pid)
     assert record.argv == server_argv("env", ready)
     assert abs(record.started_at - time.time()) < 3600  # wall clock, not monotonic
-    # Exactly the given environment plus the marker: nothing leaks in from the daemon's own.
-    expected = {**child_env(CUDA_VISIBLE_DEVICES="2,3"), "EXPORTER_WATCHDOG_SERVER": record.marker}
+    # Exactly the given environment plus the marker and the record's path: nothing leaks in from the
+    # daemon's own.
+    expected = {**child_env(CUDA_VISIBLE_DEVICES="2,3"), "EXPORTER_WATCHDOG_SERVER": record.marker,
+                "EXPORTER_WATCHDOG_RECORD": str(sup.record_path)}
     # /proc/PID/environ: the environment as exec'd (Python adds LC_CTYPE to its own os.environ).
     assert procs.read_environ(pid) == expected
     assert data["cwd"] == str(workdir)

@@ -128,6 +128,20 @@ def test_switch_drains_the_connector_before_the_server_stops(tunnel_daemon: Tunn
     assert server_term and exits[0]["mono"] < server_term[0]["mono"]  # and only then the server stopped
 
 
+def test_a_reload_that_restarts_the_server_drains_the_connector_first(tunnel_daemon: TunnelDaemon) -> None:
+    started(tunnel_daemon)
+    connector = tunnel_daemon.connector_events("start")[0]["pid"]
+    first_server = tunnel_daemon.status()["server_pid"]  # type: ignore[index]
+    tunnel_daemon.rewrite_config(server={"extra_args": ["--max-tokens", "64"]})  # a new server command line
+    tunnel_daemon.signal(signal.SIGHUP)
+    doc = tunnel_daemon.wait_status(lambda d: d["server_pid"] not in (None, first_server) and d["server_ready"]
+                                    and d["tunnel"]["state"] == "ready", 40, "the restarted server with a tunnel")
+    assert "--max-tokens 64" in doc["server_argv"]
+    exits = [e for e in tunnel_daemon.connector_events("exit") if e["pid"] == connector]
+    server_term = tunnel_daemon.server_signals()
+    assert exits and exits[0]["drained"] and server_term and exits[0]["mono"] < server_term[0]["mono"]
+
+
 def test_a_killed_connector_is_restarted_while_the_server_keeps_serving(tunnel_daemon: TunnelDaemon) -> None:
     started(tunnel_daemon)
     server = tunnel_daemon.status()["server_pid"]  # type: ignore[index]
@@ -167,10 +181,29 @@ def test_shutdown_drains_the_connector_then_stops_the_server(tunnel_daemon: Tunn
     assert not (tunnel_daemon.state_dir / "tunnel.json").exists()
 
 
+def kill_guards(record: Path) -> int:
+    """SIGKILL the lifetime guard watching `record`, if the supervisor runs one: found by its command line."""
+    killed = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                argv = fh.read().split(b"\0")
+        except OSError:
+            continue
+        if b"exporter_watchdog.act.guard" in argv and str(record).encode() in argv:
+            os.kill(int(entry), signal.SIGKILL)
+            killed += 1
+    return killed
+
+
 def test_a_connector_left_by_a_killed_daemon_is_stopped_at_the_next_start(tunnel_daemon: TunnelDaemon) -> None:
     started(tunnel_daemon)
     orphan = tunnel_daemon.connector_events("start")[0]["pid"]
     assert tunnel_daemon.proc is not None
+    # The record is the last line of defence: take the lifetime guard (where there is one) out first.
+    kill_guards(tunnel_daemon.state_dir / "tunnel.json")
     os.kill(tunnel_daemon.proc.pid, signal.SIGKILL)
     tunnel_daemon.proc.wait(10)
     tunnel_daemon.kill_left_server()
@@ -179,6 +212,20 @@ def test_a_connector_left_by_a_killed_daemon_is_stopped_at_the_next_start(tunnel
     wait_until(lambda: not pid_alive(orphan), 20, "the orphaned connector to be stopped")
     tunnel_daemon.wait_tunnel("ready")
     assert "tunnel connector left behind" in tunnel_daemon.log()
+
+
+def test_a_connector_never_outlives_a_killed_daemon(tunnel_daemon: TunnelDaemon) -> None:
+    started(tunnel_daemon)
+    connector = tunnel_daemon.connector_events("start")[0]["pid"]
+    assert tunnel_daemon.proc is not None
+    os.kill(tunnel_daemon.proc.pid, signal.SIGKILL)
+    tunnel_daemon.proc.wait(10)
+    # The connector's guard (like the server's) stops it as soon as the daemon is gone.
+    wait_until(lambda: not pid_alive(connector), 10, "the connector to be stopped by its guard")
+    assert "the daemon is gone: stopping its server" in tunnel_daemon.log()
+    tunnel_daemon.start()
+    tunnel_daemon.wait_tunnel("ready")
+    assert tunnel_daemon.connector_events("start")[-1]["pid"] != connector
 
 
 def test_enabled_without_an_api_key_exits_2_naming_both_keys(tmp_path: Path) -> None:

@@ -98,7 +98,7 @@ def serve_metrics(addr: str, state: State) -> ThreadingHTTPServer:
 
 
 WATCHED = {signal.SIGTERM, signal.SIGINT}
-POLL = 0.002
+POLL = 0.01  # how often it looks for a pending signal (a real cloudflared idles; so should this)
 
 
 def next_signal(timeout: float | None) -> str | None:

@@ -76,7 +76,15 @@ class FakeSupervisor:
     def started_at(self) -> float | None:
         return 0.0 if self._pid else None
 
-    def start(self, argv: Sequence[str], env: Mapping[str, str], cwd: Any = None) -> int:
+    @property
+    def stop_method(self) -> str:
+        return "fake"
+
+    @property
+    def guard_pid(self) -> int | None:
+        return None
+
+    def start(self, argv: Sequence[str], env: Mapping[str, str], cwd: Any = None, gpus: Any = None) -> int:
         self.started.append((argv, env))
         self._pid = 1000 + len(self.started)
         return self._pid
@@ -246,3 +254,15 @@ def test_a_job_process_on_our_gpu_makes_it_yield(tmp_path: Path) -> None:
     daemon.tick()
     assert sup.pid is None
     assert registry.get_sample_value("exporter_watchdog_yields_total", {"reason": "gpu_process"}) == 1
+
+
+def test_the_measured_cold_start_is_kept_for_replay(tmp_path: Path) -> None:
+    from exporter_watchdog.act.statefile import measured_cold_start
+
+    daemon, _slurm, sup, _dirs, _registry, now = make(tmp_path)
+    daemon.tick()  # starts the server at 100
+    assert sup.pid is not None and measured_cold_start(tmp_path, "demo") is None
+    now[0] += 42.5
+    daemon.tick()  # the fake health says ready: 42.5 s from start to ready
+    assert daemon.snapshot().phase.value == "serving"
+    assert measured_cold_start(tmp_path, "demo") == 42.5

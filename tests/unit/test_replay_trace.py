@@ -49,14 +49,16 @@ def test_sacct_lines_of_every_kind() -> None:
         "11_[4-9]|None assigned||Unknown|Unknown|PENDING",
         "12|None assigned||None|2026-10-01T00:20:00|CANCELLED by 0",
         "13|gpu005|cpu=1,mem=1G,node=1|2026-10-01T00:00:00|2026-10-01T00:00:00|FAILED",
+        "14|gpu005|cpu=1,mem=1G,node=1|2026-10-01T00:00:09|2026-10-01T00:00:00|FAILED",
     ], "t.sacct")
     assert [(j.job_id, j.nodes, j.gpus, j.end is None) for j in trace.jobs] == [
         ("10", ("gpu001", "gpu002", "gpu007"), (2, 2, 2), False),
         ("11_3", ("gpu004",), (1,), True),
+        ("13", ("gpu005",), (0,), False),  # ran under a second: sacct prints the same Start and End
     ]
     assert trace.jobs[0].end is not None and trace.jobs[0].end - trace.jobs[0].start == 3600
     assert trace.skipped == {"job steps (run sacct with -X)": 1,
-                             "never started (pending, or cancelled before start)": 2, "ran no time": 1}
+                             "never started (pending, or cancelled before start)": 2, "ends before it starts": 1}
 
 
 def test_sacct_without_header_and_with_trailing_separator() -> None:
@@ -158,3 +160,38 @@ def test_replay_bad_trace_names_the_file(tmp_path: Path, capsys: pytest.CaptureF
     trace.write_text("hello world\n")
     assert main(["replay", str(trace), "--cold-start", "1", "--gpus-per-node", "1"]) == 2
     assert f"{trace}: line 1" in capsys.readouterr().err
+
+
+def test_serve_policy_takes_the_start_rule_and_cold_start(tmp_path: Path) -> None:
+    from exporter_watchdog.config import load_config
+    from exporter_watchdog.daemon import policy_from
+    from exporter_watchdog.profiles import load_profile
+
+    profile_path = tmp_path / "m.yaml"
+    profile_path.write_text("name: m\nmodel: org/m\ncold_start_seconds: 240\n")
+    profile = load_profile(profile_path)
+    config_path = tmp_path / "c.yaml"
+    config_path.write_text("claim:\n  start_rule: learned\n")
+    policy = policy_from(load_config(config_path), 4, profile)
+    assert (policy.start_rule, policy.cold_start_seconds) == (StartRule.LEARNED, 240.0)
+    config_path.write_text("claim:\n  start_rule: learned\nserver:\n  cold_start_seconds: 90\n")
+    assert policy_from(load_config(config_path), 4, profile).cold_start_seconds == 90.0
+    config_path.write_text("claim:\n  start_rule: sometimes\n")
+    with pytest.raises(Exception, match="claim.start_rule = 'sometimes': expected one of always, learned"):
+        load_config(config_path)
+
+
+def test_replay_defaults_to_the_cold_start_the_daemon_measured(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from exporter_watchdog.act.statefile import record_cold_start
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"state_dir: {tmp_path / 'state'}\nserver:\n  profile: demo\n")
+    trace = tmp_path / "t.csv"
+    trace.write_text("job_id,nodes,gpus,start,end\na,n1,4,0,100\nb,n1,4,1000,1001\n")
+    record_cold_start(tmp_path / "state", "demo", 250.0)
+    assert main(["replay", str(trace), "-c", str(config), "--gpus-per-node", "4", "--claim", "4", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["settings"]["cold_start"] == 250.0
+    # Free from 100 to 1000, ready 250 s after the start: 4 GPUs x 650 s.
+    assert doc["summary"]["harvested_gpu_hours"] == pytest.approx(4 * 650 / 3600, abs=1e-3)

@@ -351,3 +351,13 @@ def test_client_with_real_runner_times_out_and_leaves_nothing(tmp_path: Path) ->
     assert q.duration >= 1.0
     leader = int((tmp_path / "leader.pid").read_text())
     assert [st for _, st in group_members(leader) if st != "Z"] == []
+
+
+@pytest.mark.parametrize("text", [
+    "JobId=5 <<not scontrol>> TRES=gpu:(IDX:?) \x01\xff",
+    "JobId=5 JobName=x NodeList=n1",  # no JobState: cut short
+    "JobId=5 JobState=RUNNING",  # no NodeList: cut short
+])
+def test_output_that_is_not_a_job_record_is_an_error_not_a_cpu_only_job(text: str) -> None:
+    with pytest.raises(ScontrolParseError, match=r"job 5.*: no (JobState|NodeList)="):
+        parse_show_job(text, "n1", "5")

@@ -92,8 +92,10 @@ class Connector:
         if self._stopping is not None:
             return
         if pid is None:
-            if self._supervisor.poll().running:  # the leader is gone, something of its group is not
-                self._supervisor.stop(term_timeout=KILL_AFTER_GRACE)
+            if self._supervisor.poll().running:
+                # The leader is gone, something of its group is not: the next observe() stops it, so
+                # a server stop that follows in this step does not wait for it.
+                self._stopping = _Stopping(0, self._clock())
             return
         try:
             os.killpg(pid, signal.SIGTERM)  # started with setsid(): its pid is its group's id
