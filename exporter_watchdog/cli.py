@@ -338,8 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     from exporter_watchdog import prolog, targets
     from exporter_watchdog.bench import command as bench
     from exporter_watchdog.replay import command as replay
+    from exporter_watchdog.runpod import command as pod
 
-    for module in (prolog, bench, targets, replay):
+    for module in (prolog, bench, targets, replay, pod):
         module.register(sub)
     return parser
 

@@ -34,10 +34,10 @@ class TargetsError(Exception):
     """A problem the user must fix; the message says what and where."""
 
 
-def sinfo_argv(partition: str | None) -> list[str]:
-    """The sinfo command that prints one node name per line."""
+def sinfo_argv(partition: str | None, node_addr: bool = False) -> list[str]:
+    """The sinfo command that prints one node name (and, with node_addr, its NodeAddr) per line."""
     # --Node prints expanded names (no hostlists), once per partition the node is in.
-    argv = ["sinfo", "--noheader", "--Node", "--format=%N"]
+    argv = ["sinfo", "--noheader", "--Node", "--format=%N %o" if node_addr else "--format=%N"]
     if partition:
         argv.append(f"--partition={partition}")
     return argv
@@ -45,23 +45,34 @@ def sinfo_argv(partition: str | None) -> list[str]:
 
 def parse_nodes(text: str) -> list[str]:
     """Node names from sinfo's output, each once, in sinfo's order."""
-    nodes: list[str] = []
+    return [name for name, _ in parse_node_addrs(text, with_addr=False)]
+
+
+def parse_node_addrs(text: str, with_addr: bool = True) -> list[tuple[str, str]]:
+    """(name, address) from lines `NAME ADDR` (with_addr) or `NAME` (the address is the name)."""
+    nodes: list[tuple[str, str]] = []
     seen: set[str] = set()
     for number, raw in enumerate(text.splitlines(), start=1):
-        name = raw.strip()
-        if not name:
+        fields = raw.split()
+        if not fields:
             continue
-        if not _NODE_NAME.match(name):
-            raise TargetsError(f"sinfo output line {number}: {name!r} is not a node name")
+        name, addr = fields[0], fields[1] if len(fields) > 1 else fields[0]
+        if len(fields) != (2 if with_addr else 1) or not _NODE_NAME.match(name) or not _NODE_NAME.match(addr):
+            raise TargetsError(f"sinfo output line {number}: {raw.strip()!r} is not a node name")
         if name not in seen:
             seen.add(name)
-            nodes.append(name)
+            nodes.append((name, addr))
     return nodes
 
 
 def list_nodes(runner: CommandRunner, partition: str | None) -> list[str]:
     """Ask sinfo for the nodes; raise TargetsError when it cannot answer or lists none."""
-    argv = sinfo_argv(partition)
+    return [name for name, _ in list_node_addrs(runner, partition, node_addr=False)]
+
+
+def list_node_addrs(runner: CommandRunner, partition: str | None, node_addr: bool) -> list[tuple[str, str]]:
+    """(name, address) of every node; the address is Slurm's NodeAddr when node_addr, else the name."""
+    argv = sinfo_argv(partition, node_addr)
     try:
         result = runner(argv, SINFO_TIMEOUT_SECONDS)
     except FileNotFoundError:
@@ -71,7 +82,7 @@ def list_nodes(runner: CommandRunner, partition: str | None) -> list[str]:
     if result.returncode != 0:
         detail = result.stderr.strip() or result.stdout.strip() or "no output"
         raise TargetsError(f"{' '.join(argv)} failed with exit code {result.returncode}: {detail}")
-    nodes = parse_nodes(result.stdout)
+    nodes = parse_node_addrs(result.stdout, with_addr=node_addr)
     if not nodes:
         where = f" in partition {partition!r}" if partition else ""
         raise TargetsError(f"sinfo listed no nodes{where}; not writing an empty targets file")
@@ -79,20 +90,24 @@ def list_nodes(runner: CommandRunner, partition: str | None) -> list[str]:
 
 
 def build_targets(
-    nodes: Sequence[str],
+    nodes: Sequence[str | tuple[str, str]],
     *,
     daemon_port: int = DAEMON_PORT,
     server_port: int = DEFAULT_SERVER_PORT,
     tunnel_metrics_port: int | None = None,
     slurm_exporters: Iterable[str] = (),
 ) -> list[dict[str, Any]]:
-    """The file_sd target groups: one per node and component, each labelled with its node."""
+    """The file_sd target groups: one per node and component, each labelled with its node.
+
+    A node given as (name, address) is scraped at the address and labelled with the name.
+    """
     groups: list[dict[str, Any]] = []
-    for node in nodes:
-        groups.append(_group(f"{node}:{daemon_port}", JOB_DAEMON, node))
-        groups.append(_group(f"{node}:{server_port}", JOB_SERVER, node))
+    for entry in nodes:
+        node, addr = (entry, entry) if isinstance(entry, str) else entry
+        groups.append(_group(f"{addr}:{daemon_port}", JOB_DAEMON, node))
+        groups.append(_group(f"{addr}:{server_port}", JOB_SERVER, node))
         if tunnel_metrics_port is not None:
-            groups.append(_group(f"{node}:{tunnel_metrics_port}", JOB_TUNNEL, node))
+            groups.append(_group(f"{addr}:{tunnel_metrics_port}", JOB_TUNNEL, node))
     for address in slurm_exporters:
         groups.append({"targets": [address], "labels": {"job": JOB_SLURM_EXPORTER}})
     return groups
@@ -136,6 +151,13 @@ def _port(text: str) -> int:
     return value
 
 
+def _domain(text: str) -> str:
+    suffix = text.strip(".")
+    if not suffix or not _NODE_NAME.match(suffix):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a DNS suffix")
+    return suffix
+
+
 def _host_port(text: str) -> str:
     match = _HOST_PORT.match(text)
     if not match or not 1 <= int(match.group(1)) <= 65535:
@@ -159,6 +181,15 @@ def register(subparsers: Any) -> None:
         help="file to write, replaced atomically (default: - for stdout)",
     )
     parser.add_argument("--partition", "-p", metavar="NAME", help="only the nodes of this Slurm partition")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--node-addr", action="store_true",
+        help="scrape each node at its Slurm NodeAddr (often its IP address) instead of its name",
+    )
+    where.add_argument(
+        "--domain", type=_domain, metavar="SUFFIX",
+        help="scrape each node at NAME.SUFFIX, e.g. --domain runpod.internal for the RunPod template's pods",
+    )
     parser.add_argument(
         "--daemon-port", type=_port, default=DAEMON_PORT, metavar="PORT",
         help=f"the daemon's metrics port (default: {DAEMON_PORT})",
@@ -181,7 +212,9 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace, runner: CommandRunner = run_command) -> int:
     """Run `targets` with parsed arguments; 0 on success, 1 with a message on stderr otherwise."""
     try:
-        nodes = list_nodes(runner, args.partition)
+        nodes = list_node_addrs(runner, args.partition, args.node_addr)
+        if args.domain:
+            nodes = [(name, f"{name}.{args.domain}") for name, _ in nodes]
         text = render(
             build_targets(
                 nodes,

@@ -35,7 +35,7 @@ ensure_test_packages() {
     local need=() pair cmd pkg
     for pair in slurmctld:slurmctld slurmd:slurmd sinfo:slurm-client munged:munge mungekey:munge \
                 prometheus:prometheus promtool:prometheus prometheus-alertmanager:prometheus-alertmanager \
-                amtool:prometheus-alertmanager ip:iproute2 nsenter:util-linux \
+                amtool:prometheus-alertmanager ip:iproute2 nsenter:util-linux shellcheck:shellcheck \
                 slurmdbd:slurmdbd mariadbd:mariadb-server; do
         cmd=${pair%%:*}; pkg=${pair#*:}
         if ! PATH="$PATH:/usr/sbin:/sbin" command -v "$cmd" >/dev/null; then

@@ -105,15 +105,19 @@ class NamespaceNet:
         """Namespaces of this net that still exist."""
         return [h.netns for h in self.by_name.values() if (NETNS_DIR / h.netns).exists()]
 
-    def wrap(self, host: str, argv: Sequence[str], munge_socket: Path | None = None) -> list[str]:
+    def wrap(self, host: str, argv: Sequence[str], munge_socket: Path | None = None,
+             private_run: bool = False) -> list[str]:
         """The argv that runs `argv` as if on `host`: its network, hostname and /etc/hosts.
 
         `nsenter --net` keeps the machine's /sys (so cgroups stay visible), unlike `ip netns exec`.
         Neither nsenter (no PID namespace) nor unshare (no --fork) forks, and the shell execs, so
         the PID of the process started from this argv is the PID of `argv` itself.
+        `private_run` gives the host an empty /run of its own, as a container has.
         """
         h = self.by_name[host]
         steps = [f"mount --bind {shlex.quote(str(self.hosts_file))} /etc/hosts", f"hostname {h.name}"]
+        if private_run and munge_socket is None:
+            steps.append("mount -t tmpfs -o mode=755 tmpfs /run")
         if munge_socket is not None:
             steps += [
                 "mount -t tmpfs tmpfs /run",

@@ -134,3 +134,26 @@ def test_bad_options_are_usage_errors(argv: list[str], capsys: pytest.CaptureFix
         parse(argv)
     assert exc.value.code == 2
     assert argv[1] in capsys.readouterr().err
+
+
+def test_node_addr_scrapes_each_node_at_its_slurm_nodeaddr(capsys: pytest.CaptureFixture[str]) -> None:
+    sinfo = FakeSinfo("pod1 pod1.runpod.internal\npod2 10.0.0.7\npod1 pod1.runpod.internal\n")
+    assert targets.run(parse(["--node-addr"]), runner=sinfo) == 0
+    groups = json.loads(capsys.readouterr().out)
+    daemons = [g for g in groups if g["labels"]["job"] == "exporter-watchdog"]
+    assert daemons == [
+        {"targets": ["pod1.runpod.internal:9400"], "labels": {"job": "exporter-watchdog", "node": "pod1"}},
+        {"targets": ["10.0.0.7:9400"], "labels": {"job": "exporter-watchdog", "node": "pod2"}},
+    ]
+    assert sinfo.calls[0][-1] == "--format=%N %o"
+    with pytest.raises(targets.TargetsError, match="line 1"):
+        targets.parse_node_addrs("pod1\n", with_addr=True)
+
+
+def test_domain_scrapes_each_node_at_name_dot_suffix(capsys: pytest.CaptureFixture[str]) -> None:
+    assert targets.run(parse(["--domain", "runpod.internal"]), runner=FakeSinfo("pod1\npod2\n")) == 0
+    groups = json.loads(capsys.readouterr().out)
+    assert [g["targets"][0] for g in groups if g["labels"]["job"] == "exporter-watchdog"] == [
+        "pod1.runpod.internal:9400", "pod2.runpod.internal:9400"]
+    with pytest.raises(SystemExit):
+        parse(["--domain", "bad domain"])
