@@ -222,7 +222,7 @@ def test_a_connector_never_outlives_a_killed_daemon(tunnel_daemon: TunnelDaemon)
     tunnel_daemon.proc.wait(10)
     # The connector's guard (like the server's) stops it as soon as the daemon is gone.
     wait_until(lambda: not pid_alive(connector), 10, "the connector to be stopped by its guard")
-    assert "the daemon is gone: stopping its server" in tunnel_daemon.log()
+    assert "the daemon is gone: stopping its tunnel connector" in tunnel_daemon.log()
     tunnel_daemon.start()
     tunnel_daemon.wait_tunnel("ready")
     assert tunnel_daemon.connector_events("start")[-1]["pid"] != connector
