@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import select
 import signal
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from exporter_watchdog.act.record import MARKER_ENV, RECORD_ENV  # noqa: E402
 from exporter_watchdog.demo.node import DemoError, DemoNode  # noqa: E402
 from exporter_watchdog.prolog import run_prolog  # noqa: E402
 from tests.support.daemon import DaemonProc  # noqa: E402
+from tests.support.faults import pidfds, wait_all_gone  # noqa: E402
 
 GPUS = 4
 
@@ -80,29 +80,6 @@ def usage(pid: int) -> tuple[float, int, int]:
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
     rss = int(fields["VmRSS"].split()[0]) / 1024
     return rss, len(os.listdir(f"/proc/{pid}/fd")), int(fields["Threads"])
-
-
-def wait_gone(pids: list[int], since: float, timeout: float = 30.0) -> float:
-    fds = []
-    for pid in pids:
-        try:
-            fds.append(os.pidfd_open(pid))
-        except ProcessLookupError:
-            pass
-    poller = select.poll()
-    for fd in fds:
-        poller.register(fd, select.POLLIN)
-    left = set(fds)
-    deadline = since + timeout
-    while left and time.monotonic() < deadline:
-        for fd, _ in poller.poll(max(deadline - time.monotonic(), 0) * 1000):
-            left.discard(fd)
-            poller.unregister(fd)
-    for fd in fds:
-        os.close(fd)
-    if left:
-        raise RuntimeError(f"{len(left)} server process(es) alive {timeout} s after the daemon's death")
-    return time.monotonic() - since
 
 
 class Soak:
@@ -199,10 +176,11 @@ class Soak:
         assert d.proc is not None
         self.usage.append((f"daemon {d.proc.pid} before kill", usage(d.proc.pid)))
         pids = [pid for pid, _ in self.checker.servers()]
+        fds = pidfds(pids)  # before the kill: a reused pid cannot fool the wait
         killed = time.monotonic()
         d.signal(signal.SIGKILL)
         if pids:
-            self.kill_to_gone.append(wait_gone(pids, killed))
+            self.kill_to_gone.append(wait_all_gone(fds, killed, 30.0))
         d.wait_exit(30)
         self.down.set()
         time.sleep(self.rng.uniform(0.5, 3.0))  # jobs arrive while no daemon runs: the Prolog's fail-safe

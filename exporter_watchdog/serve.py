@@ -258,7 +258,7 @@ def _run(config: Config, config_path: Path | None, node: Node, late: LateDaemon,
     tunnel_supervisor = Supervisor(
         record_path=config.state_dir / "tunnel.json", log_path=config.state_dir / "tunnel.log",
         term_timeout=config.tunnel.grace_seconds + KILL_AFTER_GRACE, log_max_bytes=TUNNEL_LOG_MAX_BYTES,
-        marker_env="EXPORTER_WATCHDOG_TUNNEL",
+        marker_env="EXPORTER_WATCHDOG_TUNNEL", name="tunnel connector",
     )
     connector = None
     if config.tunnel.enabled and not config.exporter_only:

@@ -34,8 +34,10 @@ KILL_TIMEOUT = 10.0
 class Guard:
     """The daemon's side: spawn the guard, keep it told about the server, release it after a stop."""
 
-    def __init__(self, marker_env: str, record_path: Path, *, python: str = sys.executable) -> None:
+    def __init__(self, marker_env: str, record_path: Path, *, python: str = sys.executable,
+                 name: str = "server") -> None:
         self.marker_env = marker_env
+        self.name = name
         self.record_path = record_path
         self.python = python
         self._proc: subprocess.Popen[bytes] | None = None
@@ -53,7 +55,7 @@ class Guard:
         try:
             proc = subprocess.Popen(
                 [self.python, "-m", "exporter_watchdog.act.guard", "--fd", str(read_fd),
-                 "--marker-env", self.marker_env, "--record", str(self.record_path)],
+                 "--marker-env", self.marker_env, "--record", str(self.record_path), "--name", self.name],
                 pass_fds=(read_fd,), stdin=subprocess.DEVNULL, start_new_session=True, close_fds=True,
             )
         except BaseException:
@@ -73,8 +75,8 @@ class Guard:
         """Start a new guard if this one died while its server runs (someone killed it)."""
         if self._proc is None or self._proc.poll() is None or self._record is None:
             return
-        logger.error("the server's guard (pid {}) died with status {}: starting a new one",
-                     self._proc.pid, self._proc.returncode)
+        logger.error("the {}'s guard (pid {}) died with status {}: starting a new one",
+                     self.name, self._proc.pid, self._proc.returncode)
         self._close()
         self.spawn(self._record)
 
@@ -138,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--marker-env", required=True)
     parser.add_argument("--record", type=Path, required=True)
+    parser.add_argument("--name", default="server", help="what the log calls the supervised program")
     args = parser.parse_args(argv)
     for sig in (signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
@@ -151,16 +154,17 @@ def main(argv: list[str] | None = None) -> int:
         try:
             record = load_record(args.record)
         except ValueError as exc:
-            logger.error("daemon gone; unreadable server record: {}", exc)
+            logger.error("daemon gone; unreadable {} record: {}", args.name, exc)
             return 1
         if record is None:
             return 0
-    logger.warning("the daemon is gone: stopping its server (pid {}, GPUs {})", record.pid or "?", record.gpus)
+    logger.warning("the daemon is gone: stopping its {} (pid {}{})", args.name, record.pid or "?",
+                   f", GPUs {record.gpus}" if record.gpus is not None else "")
     seen, remaining = reap_record(record, args.marker_env, term_timeout=TERM_GRACE, kill_timeout=KILL_TIMEOUT,
                                   exclude=frozenset({os.getpid()}))
     took = time.monotonic() - gone_at
     if remaining:
-        logger.error("{} process(es) of the server survived SIGKILL", remaining)
+        logger.error("{} process(es) of the {} survived SIGKILL", remaining, args.name)
         return 1
     try:
         current = load_record(args.record)
@@ -168,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         current = None
     if current is not None and current.marker == record.marker:
         args.record.unlink(missing_ok=True)
-    logger.warning("server stopped: {} process(es) gone {:.3f} s after the daemon", seen, took)
+    logger.warning("{} stopped: {} process(es) gone {:.3f} s after the daemon", args.name, seen, took)
     return 0
 
 

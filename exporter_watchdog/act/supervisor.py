@@ -72,6 +72,7 @@ class Supervisor:
         marker_env: str = MARKER_ENV,
         cgroup_parent: CgroupParent | None = None,
         guard: bool = True,
+        name: str = "server",
     ) -> None:
         if term_timeout < 0 or kill_timeout < 0:
             raise ValueError(f"timeouts must be >= 0, got term={term_timeout} kill={kill_timeout}")
@@ -85,7 +86,8 @@ class Supervisor:
         self.proc_root = proc_root
         self.marker_env = marker_env
         self.cgroup_parent = cgroup_parent
-        self._guard = Guard(marker_env, record_path) if guard else None
+        self.name = name  # what the log calls the supervised program
+        self._guard = Guard(marker_env, record_path, name=name) if guard else None
         self._proc: subprocess.Popen[bytes] | None = None
         self._record: ServerRecord | None = None
         self._cgroup: ServerCgroup | None = None
@@ -130,7 +132,7 @@ class Supervisor:
             raise ValueError("server command line is empty")
         if self.record_path.exists():
             # Never lose track of a server a previous daemon left behind.
-            logger.warning("server record {} exists at start: cleaning up first", self.record_path)
+            logger.warning("{name} record {} exists at start: cleaning up first", self.record_path, name=self.name)
             self.cleanup_orphan()
         marker = secrets.token_hex(16)
         cgroup = self._make_cgroup(marker)
@@ -162,7 +164,7 @@ class Supervisor:
         if self._guard is not None:
             self._guard.update(record)
         self._save(record)
-        logger.info("server started: pid {} ({})", proc.pid, shlex.join(argv))
+        logger.info("{name} started: pid {} ({})", proc.pid, shlex.join(argv), name=self.name)
         return proc.pid
 
     def _make_cgroup(self, marker: str) -> ServerCgroup | None:
@@ -171,8 +173,8 @@ class Supervisor:
         try:
             return self.cgroup_parent.create(f"server-{marker[:12]}")
         except OSError as exc:
-            logger.error("cannot create the server's cgroup in {}: {}; stopping by group, session and marker",
-                         self.cgroup_parent.path, exc)
+            logger.error("cannot create the {name}'s cgroup in {}: {}; stopping by group, session and marker",
+                         self.cgroup_parent.path, exc, name=self.name)
             return None
 
     def _spawn(self, argv: Sequence[str], env: Mapping[str, str], cwd: Path | None, marker: str,
@@ -185,8 +187,8 @@ class Supervisor:
             command = ["/bin/sh", "-c", _CGROUP_SHIM, str(cgroup.procs_file), *command]
         log, error = RotatingLog.or_discard(self.log_path, self.log_max_bytes)
         if error is not None and not self._log_failing:
-            logger.error("cannot open the server log {}: {}; the server's output is dropped until it can be",
-                         self.log_path, error.strerror or error)
+            logger.error("cannot open the {name} log {}: {}; the {name}'s output is dropped until it can be",
+                         self.log_path, error.strerror or error, name=self.name)
         self._log_failing = error is not None
         read_fd, write_fd = os.pipe()
         try:
@@ -218,14 +220,14 @@ class Supervisor:
             write_atomic(self.record_path, record.to_json())
         except OSError as exc:
             if not self._record_failing:
-                logger.error("cannot write the server record {}: {} (the guard still stops the server if the "
+                logger.error("cannot write the {name} record {}: {} (the guard still stops the {name} if the "
                              "daemon dies; a Prolog with no daemon finds it by its marker)", self.record_path,
-                             exc.strerror or exc)
+                             exc.strerror or exc, name=self.name)
             self._record_failing = True
             return
         if record.pid:
             if self._record_failing:
-                logger.info("server record {} written again", self.record_path)
+                logger.info("{name} record {} written again", self.record_path, name=self.name)
             self._record_failing = False
 
     # ----- poll ----------------------------------------------------------------------------------
@@ -267,7 +269,7 @@ class Supervisor:
             return PollResult(running=True, pid=self._record.pid, exited=False, exit_code=None)
         exited = not self._exit_reported
         if exited:
-            logger.warning("server pid {} exited with status {}", self._record.pid, code)
+            logger.warning("{name} pid {} exited with status {}", self._record.pid, code, name=self.name)
         self._exit_reported = True
         # Children can outlive the leader and hold GPU memory: the caller should stop() them.
         members = self._members()
@@ -297,13 +299,14 @@ class Supervisor:
             waker.close()
         result = StopResult(duration=time.monotonic() - t0, escalated=escalated, remaining=remaining)
         if remaining:
-            logger.error("server pid {}: {} process(es) survived SIGKILL", rec.pid, remaining)
+            logger.error("{name} pid {}: {} process(es) survived SIGKILL", rec.pid, remaining, name=self.name)
             return result  # keep the record, the guard and the cgroup: the caller tries again
         logger.info(
-            "server pid {} stopped in {:.3f}s{}",
+            "{name} pid {} stopped in {:.3f}s{}",
             rec.pid,
             result.duration,
             " (needed SIGKILL)" if escalated else "",
+            name=self.name,
         )
         self._forget(join_timeout=_PUMP_JOIN)
         return result
@@ -319,11 +322,11 @@ class Supervisor:
         # A leader that could not be killed (D state) stays unreaped; Popen reaps it when collected.
         if pump is not None and not pump.join(join_timeout):
             # Something outside the session (it called setsid) still holds the output pipe.
-            logger.warning("server output pipe still open after stop; leaving its reader running")
+            logger.warning("{name} output pipe still open after stop; leaving its reader running", name=self.name)
         if self._guard is not None:
             self._guard.release()
         if self._cgroup is not None and not self._cgroup.remove():
-            logger.warning("cannot remove the server's cgroup {}", self._cgroup.path)
+            logger.warning("cannot remove the {name}'s cgroup {}", self._cgroup.path, name=self.name)
         self._proc = None
         self._record = None
         self._cgroup = None
@@ -351,7 +354,7 @@ class Supervisor:
         try:
             rec = self.load_record()
         except ValueError as exc:
-            logger.error("ignoring unreadable server record: {}", exc)
+            logger.error("ignoring unreadable {name} record: {}", exc, name=self.name)
             self._remove_record()
             return 0
         if rec is None:
@@ -360,11 +363,11 @@ class Supervisor:
                                       kill_timeout=self.kill_timeout, proc_root=self.proc_root,
                                       exclude=frozenset({os.getpid()}))
         if not seen:
-            logger.info("server record {}: nothing of pid {} is left", self.record_path, rec.pid)
+            logger.info("{name} record {}: nothing of pid {} is left", self.record_path, rec.pid, name=self.name)
         else:
-            logger.warning("stopped {} process(es) of a server left behind (pid {}, {})", seen, rec.pid,
-                           shlex.join(rec.argv))
+            logger.warning("stopped {} process(es) of a {name} left behind (pid {}, {})", seen, rec.pid,
+                           shlex.join(rec.argv), name=self.name)
         if remaining:
-            logger.error("orphaned server pid {}: {} process(es) survived SIGKILL", rec.pid, remaining)
+            logger.error("orphaned {name} pid {}: {} process(es) survived SIGKILL", rec.pid, remaining, name=self.name)
         self._remove_record()
         return seen

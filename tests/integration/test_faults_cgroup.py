@@ -18,8 +18,8 @@ import pytest
 
 from exporter_watchdog.act.cgroup import CgroupParent, find_parent, parent_at
 from exporter_watchdog.act.supervisor import Supervisor
-from tests.support.daemon import EXE, wait_until
-from tests.support.faults import FAULT_SERVER, alive, pidfds, server_pids, wait_all_gone
+from tests.support.daemon import EXE, pid_alive, wait_until
+from tests.support.faults import FAULT_SERVER, pidfds, server_pids, wait_all_gone
 from tests.support.waiting import free_port
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="creating cgroups needs root here")
@@ -108,7 +108,7 @@ def test_without_a_cgroup_the_marker_free_setsid_child_escapes_the_stop(tmp_path
     assert sup.stop_method.startswith("process group + session + marker scan")
     sup.stop()
     try:
-        assert alive(pids[-1])
+        assert pid_alive(pids[-1])
     finally:
         os.kill(pids[-1], signal.SIGKILL)
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.daemon import wait_until
-from tests.support.faults import alive, fault_daemon, pidfds, run_prolog, server_pids, wait_all_gone
+from tests.support.daemon import pid_alive, wait_until
+from tests.support.faults import fault_daemon, pidfds, run_prolog, server_pids, wait_all_gone
 
 # The promise: a dead daemon's server is gone within this (the guard's TERM grace, then SIGKILL).
 DEATH_BOUND = 1.0
@@ -74,7 +74,7 @@ def test_a_job_arriving_while_no_daemon_runs_never_shares_a_gpu(tmp_path: Path) 
         daemon.demo_job("--gpus", "3")
         doc = daemon.start().status()
         assert doc is not None and 3 not in doc["claimed_gpus"], doc
-        assert not any(alive(p) for p in pids)
+        assert not any(pid_alive(p) for p in pids)
     finally:
         daemon.stop()
 
@@ -91,7 +91,7 @@ def test_prolog_stops_a_hung_daemons_server_only_for_its_gpus(tmp_path: Path) ->
             # A job on GPUs the server does not hold: the hung daemon's server keeps running.
             result, took = run_prolog(daemon, "0", "81", "--daemon-timeout", "1", "--timeout", "20")
             assert result.returncode == 0 and "none of the job's: left alone" in result.stderr, result.stderr
-            assert all(alive(p) for p in pids)
+            assert all(pid_alive(p) for p in pids)
             # A job on GPU 3: the Prolog stops the server itself and returns once it is gone.
             result, took = run_prolog(daemon, "3", "82", "--daemon-timeout", "1", "--timeout", "20")
             assert result.returncode == 0, result.stderr
@@ -115,7 +115,7 @@ def test_a_killed_guard_is_replaced(tmp_path: Path) -> None:
         doc = daemon.start().status()
         assert doc is not None
         guard = doc["guard_pid"]
-        assert guard and alive(guard) and doc["stop_method"]
+        assert guard and pid_alive(guard) and doc["stop_method"]
         os.kill(guard, signal.SIGKILL)
         doc = daemon.wait_status(lambda d: d["guard_pid"] not in (None, guard), 30, "a new guard")
         assert "guard (pid" in daemon.log() and "died" in daemon.log()
@@ -137,9 +137,9 @@ def test_server_left_by_a_daemon_and_its_guard_is_stopped_by_the_next_daemon(tmp
         os.kill(doc["guard_pid"], signal.SIGKILL)
         daemon.signal(signal.SIGKILL)
         daemon.wait_exit(10)
-        assert all(alive(p) for p in pids), "with the guard dead too, the server stays until the next daemon"
+        assert all(pid_alive(p) for p in pids), "with the guard dead too, the server stays until the next daemon"
         daemon.start()
-        wait_until(lambda: not any(alive(p) for p in pids), 30, "the orphaned server to be stopped")
+        wait_until(lambda: not any(pid_alive(p) for p in pids), 30, "the orphaned server to be stopped")
         assert "left behind by an earlier daemon" in daemon.log()
     finally:
         daemon.stop()

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.daemon import DaemonProc, group_alive, wait_until
-from tests.support.faults import alive, fault_daemon, run_prolog, server_pids, write_profile
+from tests.support.daemon import DaemonProc, group_alive, pid_alive, wait_until
+from tests.support.faults import fault_daemon, run_prolog, server_pids, write_profile
 
 
 def counter(daemon: DaemonProc, name: str) -> float:
@@ -49,12 +49,12 @@ def test_switch_during_a_yield_serves_the_new_profile_off_the_jobs_gpus(tmp_path
         wait_until(term.exists, 30, "the yield's SIGTERM (ignored: the stop takes 3 s)")
         switched = daemon.cli("switch", "calm", check=True)
         assert "calm" in switched.stdout + switched.stderr
-        wait_until(lambda: not any(alive(p) for p in old), 30, "the old server killed at the stop deadline")
+        wait_until(lambda: not any(pid_alive(p) for p in old), 30, "the old server killed at the stop deadline")
         doc = daemon.wait_status(lambda d: d["profile"] == "calm" and d["state"] == "serving" and d["server_ready"],
                                  60, "serving the switched profile")
         assert 3 not in doc["claimed_gpus"]
         assert doc["last_yield"]["reason"] == "job"
-        assert not any(alive(p) for p in old)
+        assert not any(pid_alive(p) for p in old)
     finally:
         daemon.stop()
 

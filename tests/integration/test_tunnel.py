@@ -222,7 +222,7 @@ def test_a_connector_never_outlives_a_killed_daemon(tunnel_daemon: TunnelDaemon)
     tunnel_daemon.proc.wait(10)
     # The connector's guard (like the server's) stops it as soon as the daemon is gone.
     wait_until(lambda: not pid_alive(connector), 10, "the connector to be stopped by its guard")
-    assert "the daemon is gone: stopping its server" in tunnel_daemon.log()
+    assert "the daemon is gone: stopping its tunnel connector" in tunnel_daemon.log()
     tunnel_daemon.start()
     tunnel_daemon.wait_tunnel("ready")
     assert tunnel_daemon.connector_events("start")[-1]["pid"] != connector
@@ -305,3 +305,15 @@ def test_generated_ingress_passes_a_real_cloudflareds_validation(tmp_path: Path)
         rule = subprocess.run([real, "tunnel", "ingress", "rule", "--config", str(launch.config_path), url],
                               capture_output=True, text=True, timeout=60)
         assert rule.returncode == 0 and expected in rule.stdout, rule.stdout + rule.stderr
+
+
+def test_the_connector_never_outlives_the_daemon(tunnel_daemon: TunnelDaemon) -> None:
+    """The server's lifetime guard comes with the Supervisor, so the connector has one too."""
+    started(tunnel_daemon)
+    connector = tunnel_daemon.connector_events("start")[0]["pid"]
+    assert tunnel_daemon.proc is not None
+    os.kill(tunnel_daemon.proc.pid, signal.SIGKILL)  # no shutdown path runs: only the guard can act
+    tunnel_daemon.proc.wait(10)
+    wait_until(lambda: not pid_alive(connector), 10, "the connector to die with the daemon")
+    # Told with SIGTERM first, so it unregistered from the edge rather than vanishing.
+    assert [e["signal"] for e in tunnel_daemon.connector_events("signal") if e["pid"] == connector][:1] == ["SIGTERM"]

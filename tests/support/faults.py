@@ -61,18 +61,15 @@ def server_pids(tmp: Path, timeout: float = 60.0, server: int | None = None) -> 
     return result
 
 
-def alive(pid: int) -> bool:
-    """True while pid exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
-
-
 def pidfds(pids: list[int]) -> dict[int, int]:
-    """pidfds for pids (opened before the fault, so a reused pid cannot fool the wait)."""
-    return {pid: os.pidfd_open(pid) for pid in pids}
+    """pidfds for pids (opened before the fault, so a reused pid cannot fool the wait); gone ones skipped."""
+    fds = {}
+    for pid in pids:
+        try:
+            fds[pid] = os.pidfd_open(pid)
+        except ProcessLookupError:
+            pass
+    return fds
 
 
 def wait_all_gone(fds: dict[int, int], since: float, timeout: float) -> float:
