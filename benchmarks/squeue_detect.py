@@ -18,6 +18,7 @@ import argparse
 import os
 import random
 import select
+import shutil
 import sys
 import tempfile
 import time
@@ -105,6 +106,8 @@ def main() -> int:
                   f"{percentile(values, 99) * 1000:>9.0f} {max(values) * 1000:>9.0f}", flush=True)
     finally:
         problems = cluster.stop()
+        if not problems:
+            shutil.rmtree(workdir, ignore_errors=True)
     if problems:
         print(f"teardown problems: {problems}", file=sys.stderr)
         return 1
