@@ -128,10 +128,17 @@ def test_job_on_our_gpu_finds_the_server_gone_at_its_first_instruction(setup: Se
     assert taken & set(first["claimed_gpus"]), f"the job got GPUs {taken}, none of ours; the premise fails"
     assert not pid_alive(pid) and not group_alive(pid)
     lines = setup.prolog_lines(job)
-    assert any(f"GPUs {sorted(taken)} released, the server is gone" in line for line in lines), lines
     assert exit_status(lines) == 0
     doc = daemon.wait_status(lambda d: d["last_yield"] is not None, 30, "the yield in the status")
-    assert doc["last_yield"]["reason"] == "prolog" and doc["last_yield"]["jobs"] == [job]
+    assert doc["last_yield"]["jobs"] == [job]
+    # With PrologFlags=Contain the job's cgroup exists before its Prolog runs: on a loaded machine the
+    # daemon may yield to the cgroup first, and the Prolog then finds the GPUs no longer ours. Either
+    # way the yield is to this job and the server was gone at its first instruction (asserted above).
+    if doc["last_yield"]["reason"] == "prolog":
+        assert any(f"GPUs {sorted(taken)} released, the server is gone" in line for line in lines), lines
+    else:
+        assert doc["last_yield"]["reason"] == "job", doc["last_yield"]
+        assert any(f"GPUs {sorted(taken)} were not ours" in line for line in lines), lines
     assert cluster.job_state(job) == "RUNNING"
 
     # The job's GPU stays the job's: with one GPU free the daemon stays off until the job ends.
