@@ -90,7 +90,7 @@ class ServerCgroup:
                 out.append(info)
         return out
 
-    def kill(self, proc_root: Path = procs.PROC) -> None:
+    def kill(self) -> None:
         """SIGKILL every member, forks racing the kill included."""
         if self.kind == "v2" and (self.path / "cgroup.kill").exists():
             _write(self.path / "cgroup.kill", "1")

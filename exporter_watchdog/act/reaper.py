@@ -116,6 +116,11 @@ def terminate(
     return escalated, len(live), len(seen)
 
 
+def record_cgroup(rec: ServerRecord) -> ServerCgroup | None:
+    """The recorded server's own cgroup, where it has one."""
+    return ServerCgroup(Path(rec.cgroup), rec.cgroup_kind or "v2") if rec.cgroup else None
+
+
 def record_members(
     rec: ServerRecord, marker_env: str, proc_root: Path = procs.PROC, exclude: frozenset[int] = frozenset(),
 ) -> Callable[[], list[ProcInfo]]:
@@ -124,7 +129,7 @@ def record_members(
     # Once the leader is proven to be ours, its session and group are ours too: the kernel does not
     # reuse that number while any member exists.
     trust_session = leader is not None and leader.alive and leader.start_ticks == rec.start_ticks
-    cgroup = ServerCgroup(Path(rec.cgroup), rec.cgroup_kind or "v2") if rec.cgroup else None
+    cgroup = record_cgroup(rec)
 
     def members() -> list[ProcInfo]:
         out: dict[int, ProcInfo] = {}
@@ -159,13 +164,13 @@ def reap_record(
 ) -> tuple[int, int]:
     """Stop everything of a recorded server, verified process by process; (seen, remaining)."""
     members = record_members(rec, marker_env, proc_root, exclude)
-    cgroup = ServerCgroup(Path(rec.cgroup), rec.cgroup_kind or "v2") if rec.cgroup else None
+    cgroup = record_cgroup(rec)
     found = members()
     if found:
         waker = Waker(None)
         _, remaining, seen = terminate(
             members, group=None, term_timeout=term_timeout, kill_timeout=kill_timeout, waker=waker,
-            proc_root=proc_root, kill_all=(lambda: cgroup.kill(proc_root)) if cgroup is not None else None,
+            proc_root=proc_root, kill_all=cgroup.kill if cgroup is not None else None,
         )
         waker.close()
     else:

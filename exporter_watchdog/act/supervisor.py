@@ -293,7 +293,7 @@ class Supervisor:
             # newcomer while we signal them.
             escalated, remaining, _ = terminate(
                 self._members, group=rec.pgid, term_timeout=term, kill_timeout=self.kill_timeout, waker=waker,
-                proc_root=self.proc_root, kill_all=(lambda: cgroup.kill(self.proc_root)) if cgroup else None,
+                proc_root=self.proc_root, kill_all=cgroup.kill if cgroup else None,
             )
         finally:
             waker.close()
